@@ -1,0 +1,17 @@
+"""kw_mm: KernelWarehouse dynamic convolution (Li & Yao, ICML 2024) for OpenMMLab.
+
+Importing the package registers its layers, backbones and hooks in
+mmengine's root registries, so ``type='KWResNet'`` etc. build from mmdet and
+mmpretrain configs (``custom_imports=dict(imports=['kw_mm'])``).
+"""
+from . import checkpoint  # noqa: F401  (safe loading of mmengine checkpoints)
+from .engine import KWFinetuneHook, KWTemperatureHook
+from .layers import (KernelWarehouse, KWConv1d, KWConv2d, KWConv3d, KWLinear, get_temperature,
+                     set_temperature)
+from .models import *  # noqa: F401,F403
+from .version import __version__
+
+__all__ = [
+    '__version__', 'set_temperature', 'get_temperature', 'KernelWarehouse', 'KWConv1d',
+    'KWConv2d', 'KWConv3d', 'KWLinear', 'KWTemperatureHook', 'KWFinetuneHook'
+]

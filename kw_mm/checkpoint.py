@@ -1,0 +1,36 @@
+"""Let torch ≥ 2.6's safe checkpoint loading read mmengine's own checkpoints.
+
+torch.load defaults to ``weights_only=True`` since torch 2.6, and mmengine
+0.10.7 does not override it; its checkpoints (resume, ``load_from``,
+``tools/test.py``) also hold the message hub's ``HistoryBuffer`` objects,
+which contain numpy arrays. Instead of switching the protection off, kw_mm
+allow-lists exactly the classes such checkpoints contain.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+
+
+def mmengine_checkpoint_globals() -> List[object]:
+    """The non-tensor classes that an mmengine training checkpoint holds."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtype_classes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32,
+                                                  np.bool_)]
+    return [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Register :func:`mmengine_checkpoint_globals` with ``torch.serialization``."""
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is not None:  # torch < 2.4 loads everything anyway
+        add(mmengine_checkpoint_globals())
+
+
+allow_mmengine_checkpoints()

@@ -1,0 +1,182 @@
+"""Convert the authors' released KernelWarehouse checkpoints to kw_mm.
+
+The released ImageNet models store a state dict (under ``model`` and, when
+trained with EMA, ``model_ema``, or bare) whose KW layers already use kw_mm's
+module names; only the warehouse container and the classifier differ:
+
+==============================  =====================================
+authors                         kw_mm (mmpretrain ``ImageClassifier``)
+==============================  =====================================
+``warehouse_manager.weights.N`` ``backbone.warehouses.N.cells``
+``fc.*`` / ``classifier.*``     ``head.fc.*``
+everything else                 ``backbone.`` + key
+(no τ stored)                   ``backbone.<layer>.attention.temperature`` = 0
+==============================  =====================================
+
+Which released model a file holds is found from tensor shapes alone: the
+converted dict is compared with the state dict of every known model, built
+on the meta device from its config.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    """A released ImageNet model and the kw_mm config that builds it."""
+    name: str
+    config: str  # relative to the repository root
+
+    @property
+    def config_path(self) -> str:
+        return osp.join(REPO_ROOT, self.config)
+
+
+RELEASED_MODELS: Tuple[ReleasedModel, ...] = tuple(
+    ReleasedModel(name, f'configs/kw_resnet/{cfg}')
+    for name, cfg in (
+        ('kw1d4x_resnet18', 'kw1d4x-resnet18_8xb32_in1k.py'),
+        ('kw1d2x_resnet18', 'kw1d2x-resnet18_8xb32_in1k.py'),
+        ('kw1x_resnet18', 'kw1x-resnet18_8xb32_in1k.py'),
+        ('kw2x_resnet18', 'kw2x-resnet18_8xb32_in1k.py'),
+        ('kw4x_resnet18', 'kw4x-resnet18_8xb32_in1k.py'),
+        ('kw1d2x_resnet50', 'kw1d2x-resnet50_8xb32_in1k.py'),
+        ('kw1x_resnet50', 'kw1x-resnet50_8xb32_in1k.py'),
+        ('kw4x_resnet50', 'kw4x-resnet50_8xb32_in1k.py'),
+    ))
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not match the model it was expected to be."""
+
+
+def extract_state_dict(checkpoint: Mapping, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model state dict inside a released checkpoint file's contents."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(
+            f'expected a dict-like checkpoint, got {type(checkpoint).__name__}')
+    order = ('model_ema', 'model', 'state_dict') if prefer_ema else ('model', 'model_ema',
+                                                                      'state_dict')
+    for key in order:
+        if isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key])
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return dict(checkpoint)
+    raise CheckpointMismatchError(
+        f"no state dict found: expected a 'model', 'model_ema' or 'state_dict' entry or a bare "
+        f'state dict, got keys {sorted(checkpoint)[:10]}')
+
+
+def official_to_mmpretrain(state_dict: Mapping[str, torch.Tensor],
+                           temperature: float = 0.0) -> Dict[str, torch.Tensor]:
+    """Rename an authors' state dict to an mmpretrain ``ImageClassifier``'s."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = key[len('module.'):] if key.startswith('module.') else key
+        if key.startswith('warehouse_manager.weights.'):
+            index = key.rsplit('.', 1)[1]
+            out[f'backbone.warehouses.{index}.cells'] = value
+        elif key.startswith('fc.'):
+            out['head.fc.' + key[3:]] = value
+        elif key.startswith('classifier.'):
+            out['head.fc.' + key[len('classifier.'):]] = value
+        else:
+            out['backbone.' + key] = value
+            if key.endswith('.attention.fc1.weight'):
+                layer = key[:-len('.fc1.weight')]
+                out[f'backbone.{layer}.temperature'] = torch.tensor(float(temperature))
+    return out
+
+
+def build_from_config(config_path: str, device: str = 'cpu') -> torch.nn.Module:
+    """Build the model of an mmpretrain config (on ``device``; 'meta' is cheap)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    cfg = Config.fromfile(config_path)
+    import kw_mm  # noqa: F401  (registers the KW modules)
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    from mmpretrain.registry import MODELS
+    with torch.device(device):
+        return MODELS.build(cfg.model)
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def compare_shapes(found: Mapping[str, Tuple[int, ...]],
+                   expected: Mapping[str, Tuple[int, ...]]) -> List[str]:
+    """Human-readable differences between two key → shape tables."""
+    problems = []
+    for key in sorted(set(expected) - set(found)):
+        problems.append(f'missing {key} {list(expected[key])}')
+    for key in sorted(set(found) - set(expected)):
+        problems.append(f'unexpected {key} {list(found[key])}')
+    for key in sorted(set(found) & set(expected)):
+        if found[key] != expected[key]:
+            problems.append(f'{key}: found {list(found[key])}, expected {list(expected[key])}')
+    return problems
+
+
+def identify(converted: Mapping[str, torch.Tensor],
+             candidates: Sequence[ReleasedModel] = RELEASED_MODELS) -> ReleasedModel:
+    """The released model whose tensors all match ``converted`` by name and shape."""
+    found = _shapes(converted)
+    best: Optional[Tuple[int, ReleasedModel, List[str]]] = None
+    for candidate in candidates:
+        expected = _shapes(build_from_config(candidate.config_path, 'meta').state_dict())
+        problems = compare_shapes(found, expected)
+        if not problems:
+            return candidate
+        if best is None or len(problems) < best[0]:
+            best = (len(problems), candidate, problems)
+    assert best is not None
+    _, closest, problems = best
+    shown = '\n  '.join(problems[:15])
+    more = f'\n  ... and {len(problems) - 15} more' if len(problems) > 15 else ''
+    raise CheckpointMismatchError(
+        f'the checkpoint matches none of the known released models '
+        f'({", ".join(c.name for c in candidates)}). Closest is {closest.name} '
+        f'({closest.config}); these tensors did not match:\n  {shown}{more}')
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename.
+
+    A crash mid-write never leaves a truncated file under ``path``.
+    """
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
+    """Convert a released checkpoint file; returns the model it was found to be."""
+    if not osp.isfile(src):
+        raise FileNotFoundError(f'checkpoint SRC not found: {src}')
+    checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    converted = official_to_mmpretrain(extract_state_dict(checkpoint, prefer_ema))
+    model = identify(converted)
+    meta = dict(source=osp.basename(src), released_model=model.name, config=model.config,
+                converter='kw_mm.convert')
+    atomic_save(dict(state_dict=converted, meta=meta), dst)
+    return model

@@ -1,0 +1,1 @@
+"""Embedded demo data (synthetic shapes)."""

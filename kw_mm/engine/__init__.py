@@ -1,0 +1,3 @@
+from .hooks import KWFinetuneHook, KWTemperatureHook
+
+__all__ = ['KWTemperatureHook', 'KWFinetuneHook']

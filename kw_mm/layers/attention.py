@@ -1,0 +1,164 @@
+"""The attention module of a KW layer and the contrasting-driven attention
+function (CAF), paper §3.4 (Eq. 4) and appendix A.3.
+
+For an input ``x`` the module computes, per sample, ``m`` rows of ``n + 1``
+logits (one row per linear mixture of the layer, one column per warehouse
+cell plus the zero cell e_z), normalises each row by the sum of its absolute
+values (CAF) and mixes the result with the one-hot initialisation β::
+
+    α = (1 − τ) · z / (Σ|z| + 1e-3) + τ · β
+
+τ (the temperature) is a persistent buffer, so checkpoints carry the value a
+model was evaluated with; β is a non-persistent buffer rebuilt from the
+warehouse plan. Both follow ``.to()``, ``.half()`` and ``deepcopy``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .partition import ZERO_CELL, LayerPlan
+
+#: the constant the authors add to CAF's denominator (keeps all-zero logits finite).
+CAF_EPS = 1e-3
+
+ATTENTION_NORMS = ('BN', 'LN')
+
+
+class _BatchNorm1dAnyBatch(nn.BatchNorm1d):
+    """BatchNorm1d that also trains on a single sample.
+
+    Batch statistics of one sample are undefined (plain BatchNorm1d raises),
+    so a batch of one is normalised with the running statistics, which are
+    left unchanged; the affine parameters still receive gradients.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class KWAttention(nn.Module):
+    """SE-style attention that outputs the mixing weights α of one KW layer.
+
+    GAP → FC (no bias; with bias under LayerNorm) → norm → ReLU → FC (bias)
+    → CAF, as in the authors' released models.
+
+    Args:
+        in_channels (int): Input channels of the layer.
+        layer_plan (LayerPlan): The layer's partition and β assignment.
+        num_cells (int): Cells ``n`` in the layer's warehouse.
+        budget (float): The warehouse's budget (used by the non-local basis).
+        reduction (float): Hidden width as a fraction of ``in_channels``.
+            Defaults to 1/16.
+        min_hidden (int): Smallest hidden width. Defaults to 16.
+        norm (str): ``'BN'`` (BatchNorm1d) or ``'LN'`` (LayerNorm).
+            Defaults to ``'BN'``.
+        nonlocal_basis_ratio (float): When > 0, logits of the cells outside
+            the layer's own range come from a low-rank basis (released
+            ResNet50 1/2x). Defaults to 0 (off).
+    """
+
+    def __init__(self, in_channels: int, layer_plan: LayerPlan, num_cells: int,
+                 budget: float = 1.0, reduction: float = 1 / 16, min_hidden: int = 16,
+                 norm: str = 'BN', nonlocal_basis_ratio: float = 0.0,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        if norm not in ATTENTION_NORMS:
+            raise ValueError(f'norm must be one of {ATTENTION_NORMS}, got {norm!r}')
+        self.num_mixtures = layer_plan.num_mixtures
+        self.num_cells = num_cells
+        hidden = max(int(in_channels * reduction), min_hidden)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=(norm == 'LN'))
+        self.norm1 = _BatchNorm1dAnyBatch(hidden) if norm == 'BN' else nn.LayerNorm(hidden)
+        self.act1 = nn.ReLU(inplace=True)
+        row = num_cells + 1
+        self.use_basis = nonlocal_basis_ratio > 0
+        if self.use_basis:
+            self.num_local = int(budget * self.num_mixtures)
+            num_nonlocal = num_cells - self.num_local
+            self.num_basis = max(int(num_nonlocal * nonlocal_basis_ratio), 16)
+            self.local_start = layer_plan.first_cell
+            self.fc2 = nn.Linear(hidden, self.num_mixtures * (self.num_local + self.num_basis + 1),
+                                 bias=False)
+            self.fc3 = nn.Linear(self.num_basis, num_nonlocal, bias=False)
+            self.basis_bias = nn.Parameter(torch.zeros(self.num_mixtures * row))
+        else:
+            self.fc2 = nn.Linear(hidden, self.num_mixtures * row)
+        beta = torch.zeros(self.num_mixtures, row)
+        for i, cell in enumerate(layer_plan.beta):
+            beta[i, cell if cell != ZERO_CELL else num_cells] = 1.0
+        self.register_buffer('beta', beta, persistent=False)
+        self.register_buffer('temperature', torch.tensor(float(temperature)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2) + ((self.fc3,) if self.use_basis else ()):
+            nn.init.kaiming_normal_(fc.weight, mode='fan_out', nonlinearity='relu')
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+        nn.init.ones_(self.norm1.weight)
+        nn.init.zeros_(self.norm1.bias)
+        if self.use_basis:
+            nn.init.zeros_(self.basis_bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample logits ``[B, m, n + 1]`` (zero cell last)."""
+        if x.dim() > 2:
+            x = x.flatten(2).mean(-1)
+        x = self.act1(self.norm1(self.fc1(x)))
+        z = self.fc2(x)
+        if not self.use_basis:
+            return z.view(-1, self.num_mixtures, self.num_cells + 1)
+        z = z.view(-1, self.num_mixtures, self.num_local + self.num_basis + 1)
+        local, basis, zero = z.split([self.num_local, self.num_basis, 1], dim=-1)
+        nonlocal_ = self.fc3(basis)
+        s = self.local_start
+        z = torch.cat([nonlocal_[..., :s], local, nonlocal_[..., s:], zero], dim=-1)
+        return z + self.basis_bias.view(self.num_mixtures, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attentions ``α`` of shape ``[B, m, n]`` (the zero cell dropped)."""
+        return caf(self.logits(x), self.beta, self.temperature)[..., :-1]
+
+
+def caf(logits: torch.Tensor, beta: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Contrasting-driven attention function, paper Eq. 4, over the last dim."""
+    normalised = logits / (logits.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
+    tau = temperature.to(normalised.dtype)
+    return (1 - tau) * normalised + tau * beta.to(normalised.dtype)
+
+
+def set_temperature(model: nn.Module, value: float) -> int:
+    """Set τ on every KW attention in ``model`` (wrapped or not).
+
+    Args:
+        model (nn.Module): Any module; wrappers such as DDP are traversed,
+            since their ``modules()`` include the wrapped model's.
+        value (float): The new temperature, in [0, 1].
+
+    Returns:
+        int: How many KW attentions were updated.
+    """
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f'temperature must be in [0, 1], got {value!r}')
+    count = 0
+    for module in model.modules():
+        if isinstance(module, KWAttention):
+            module.temperature.fill_(value)
+            count += 1
+    return count
+
+
+def get_temperature(model: nn.Module) -> Optional[float]:
+    """τ of the first KW attention in ``model``, or None when it has none."""
+    for module in model.modules():
+        if isinstance(module, KWAttention):
+            return float(module.temperature)
+    return None

@@ -1,0 +1,49 @@
+"""The kernel warehouse: the cells that a group of layers mixes their kernels from."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .partition import WarehousePlan
+
+
+class KernelWarehouse(nn.Module):
+    """Owns the ``n`` cells of one warehouse as a single parameter.
+
+    The parameter ``cells`` has the layout of the authors' released models,
+    ``[n, cell_out, cell_in, 1, ...]``, so their checkpoints load by name.
+
+    Args:
+        plan (WarehousePlan): Cell shape, cell count and the sharing layers.
+    """
+
+    def __init__(self, plan: WarehousePlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.cells = nn.Parameter(torch.empty(plan.cell_shape))
+        self.reset_parameters()
+
+    @property
+    def num_cells(self) -> int:
+        return self.plan.num_cells
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal (fan-out) initialisation over each layer's own cells.
+
+        Each layer's cell range gets the standard deviation its static kernel
+        would get from ``kaiming_normal_(mode='fan_out')``, i.e.
+        ``sqrt(2 / (out_channels · k^d))``, as in the authors' code.
+        """
+        with torch.no_grad():
+            for layer, (start, end) in zip(self.plan.layers, self.plan.cell_slices()):
+                if end <= start:
+                    continue
+                fan_out = layer.kernel.out_channels * layer.kernel.spatial_positions
+                self.cells[start:end].normal_(0.0, math.sqrt(2.0 / fan_out))
+
+    def extra_repr(self) -> str:
+        p = self.plan
+        return (f'cells={p.num_cells}, cell={p.cell_out}x{p.cell_in}, budget={p.budget:g}, '
+                f'layers={len(p.layers)}, mixtures={p.total_mixtures}')

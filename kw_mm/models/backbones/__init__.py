@@ -1,0 +1,3 @@
+from .kw_resnet import KWResNet
+
+__all__ = ['KWResNet']

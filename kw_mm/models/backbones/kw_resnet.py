@@ -1,0 +1,280 @@
+"""ResNet with KernelWarehouse convolutions (paper §4, appendix A.3, Table 15)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks import DropPath
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
+from .utils import check_frozen_stages, check_out_indices, freeze_modules
+
+ConvFactory = Callable[..., nn.Module]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3×3 convolutions)."""
+    expansion = 1
+
+    def __init__(self, name: str, conv: ConvFactory, in_channels: int, planes: int, stride: int,
+                 dilation: int, downsample: Optional[nn.Module], norm_cfg: dict,
+                 drop_path_rate: float) -> None:
+        super().__init__()
+        self.conv1 = conv(f'{name}.conv1', in_channels, planes, 3, stride=stride,
+                          padding=dilation, dilation=dilation)
+        self.bn1 = build_norm_layer(norm_cfg, planes)[1]
+        self.conv2 = conv(f'{name}.conv2', planes, planes, 3, padding=dilation, dilation=dilation)
+        self.bn2 = build_norm_layer(norm_cfg, planes)[1]
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(self.drop_path(out) + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (1×1, 3×3 with the stride, 1×1; 'pytorch' style)."""
+    expansion = 4
+
+    def __init__(self, name: str, conv: ConvFactory, in_channels: int, planes: int, stride: int,
+                 dilation: int, downsample: Optional[nn.Module], norm_cfg: dict,
+                 drop_path_rate: float) -> None:
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = conv(f'{name}.conv1', in_channels, planes, 1)
+        self.bn1 = build_norm_layer(norm_cfg, planes)[1]
+        self.conv2 = conv(f'{name}.conv2', planes, planes, 3, stride=stride, padding=dilation,
+                          dilation=dilation)
+        self.bn2 = build_norm_layer(norm_cfg, planes)[1]
+        self.conv3 = conv(f'{name}.conv3', planes, out_channels, 1)
+        self.bn3 = build_norm_layer(norm_cfg, out_channels)[1]
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(self.drop_path(out) + identity)
+
+
+def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 64,
+                     num_stages: int = 4, strides: Sequence[int] = (1, 2, 2, 2)
+                     ) -> Tuple[List[LayerSpec], List[int]]:
+    """The KW layers of the authors' released ResNets, in ``modules()`` order.
+
+    Every convolution of the residual stages is a KW layer, except (for
+    bottleneck ResNets) the first 1×1 and the stride-1 downsample of
+    ``layer1.0``. Stage ``i`` shares warehouse ``i``, except that the first
+    convolution of stage ``i > 0`` and its downsample draw from warehouse
+    ``i − 1`` (paper Table 15: "reassigned stages").
+
+    Returns:
+        tuple: the layer specs, and the number of blocks of each stage.
+    """
+    block, stage_blocks = KWResNet.arch_settings[depth]
+    stage_blocks = list(stage_blocks[:num_stages])
+    specs: List[LayerSpec] = []
+    in_channels = stem_channels
+    for i, num_blocks in enumerate(stage_blocks):
+        planes = base_channels * 2**i
+        out_channels = planes * block.expansion
+        for j in range(num_blocks):
+            name = f'layer{i + 1}.{j}'
+            first = j == 0
+            stride = strides[i] if first else 1
+            has_down = first and (stride != 1 or in_channels != out_channels)
+            entry = i - 1 if first and i > 0 else i
+            if block is BasicBlock:
+                specs.append(LayerSpec(f'{name}.conv1', planes, in_channels, (3, 3), entry))
+                specs.append(LayerSpec(f'{name}.conv2', planes, planes, (3, 3), i))
+            else:
+                if not (i == 0 and first):
+                    specs.append(LayerSpec(f'{name}.conv1', planes, in_channels, (1, 1), entry))
+                specs.append(LayerSpec(f'{name}.conv2', planes, planes, (3, 3), i))
+                specs.append(LayerSpec(f'{name}.conv3', out_channels, planes, (1, 1), i))
+            if has_down and (block is BasicBlock or i > 0):
+                specs.append(LayerSpec(f'{name}.downsample.0', out_channels, in_channels,
+                                       (1, 1), entry))
+            in_channels = out_channels
+    return specs, stage_blocks
+
+
+@MODELS.register_module()
+class KWResNet(BaseModule):
+    """ResNet backbone with KernelWarehouse convolutions.
+
+    The layout is that of the authors' released models (paper appendix A.3):
+    KW on every convolution of the residual stages (for ResNet50+ except
+    ``layer1.0.conv1`` and its stride-1 downsample), the stem plain, one
+    warehouse per stage with each stage's first convolution and downsample
+    drawing from the previous stage's warehouse. With ``kw_cfg=None`` every
+    convolution is plain, giving the baseline ResNet with the same names.
+
+    Args:
+        depth (int): 18, 34, 50, 101 or 152.
+        kw_cfg (dict, optional): KW options: ``budget`` (b, default 1),
+            ``reduction`` (1/16), ``min_hidden`` (16), ``cell_in_ratio`` /
+            ``cell_out_ratio`` (1 for b ≥ 1, 1/2 below), ``norm`` ('BN'),
+            ``nonlocal_basis_ratio`` (0), ``temperature`` (initial τ, 1).
+            ``None`` builds plain convolutions. Defaults to ``dict(budget=1)``.
+        in_channels (int): Input image channels. Defaults to 3.
+        stem_channels (int): Stem output channels. Defaults to 64.
+        base_channels (int): Planes of the first stage. Defaults to 64.
+        num_stages (int): Residual stages, 1–4. Defaults to 4.
+        strides (Sequence[int]): Stride of each stage. Defaults to (1, 2, 2, 2).
+        dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
+        out_indices (Sequence[int]): Stages whose outputs are returned.
+            Defaults to (3,).
+        frozen_stages (int): Stages to freeze (-1: none, 0: the stem, i: the
+            stem and stages 1..i). A warehouse used by any frozen layer is
+            frozen with it, so frozen stages keep their exact kernels; the
+            next stage's first convolution and downsample, which draw from
+            that warehouse, then adapt only through their attention.
+            Defaults to -1.
+        norm_cfg (dict): Norm of the network (not of the KW attentions).
+            Defaults to ``dict(type='BN', requires_grad=True)``.
+        norm_eval (bool): Keep every BatchNorm, the attentions' included, in
+            eval mode during training. Defaults to False.
+        zero_init_residual (bool): Zero the last norm of each block.
+            Defaults to True.
+        drop_path_rate (float): Stochastic depth, linearly increasing over
+            blocks. Defaults to 0.
+        init_cfg (dict | list[dict], optional): mmengine init config.
+    """
+
+    arch_settings = {
+        18: (BasicBlock, (2, 2, 2, 2)),
+        34: (BasicBlock, (3, 4, 6, 3)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)),
+        152: (Bottleneck, (3, 8, 36, 3)),
+    }
+
+    def __init__(self, depth: int, kw_cfg: Optional[Dict[str, Any]] = dict(budget=1.0),
+                 in_channels: int = 3, stem_channels: int = 64, base_channels: int = 64,
+                 num_stages: int = 4, strides: Sequence[int] = (1, 2, 2, 2),
+                 dilations: Sequence[int] = (1, 1, 1, 1), out_indices: Sequence[int] = (3,),
+                 style: str = 'pytorch', frozen_stages: int = -1,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True), norm_eval: bool = False,
+                 zero_init_residual: bool = True, drop_path_rate: float = 0.0,
+                 init_cfg=None) -> None:
+        if init_cfg is None:
+            init_cfg = [dict(type='Kaiming', layer=['Conv2d']),
+                        dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm'])]
+        super().__init__(init_cfg=init_cfg)
+        if depth not in self.arch_settings:
+            raise KeyError(f'invalid depth {depth!r} for KWResNet; choose from '
+                           f'{sorted(self.arch_settings)}')
+        if not isinstance(num_stages, int) or not 1 <= num_stages <= 4:
+            raise ValueError(f'num_stages must be an int in 1..4, got {num_stages!r}')
+        if len(strides) < num_stages or len(dilations) < num_stages:
+            raise ValueError(f'strides {tuple(strides)} and dilations {tuple(dilations)} need '
+                             f'at least num_stages={num_stages} entries')
+        if style != 'pytorch':
+            raise ValueError(f"KWResNet supports style='pytorch' (stride on the 3x3 conv), "
+                             f'got {style!r}')
+        self.depth = depth
+        self.num_stages = num_stages
+        self.out_indices = check_out_indices(out_indices, num_stages)
+        self.frozen_stages = check_frozen_stages(frozen_stages, num_stages)
+        self.norm_eval = norm_eval
+        self.zero_init_residual = zero_init_residual
+        self.kw_cfg = parse_kw_cfg(kw_cfg)
+
+        block, _ = self.arch_settings[depth]
+        specs, stage_blocks = resnet_kw_layout(depth, stem_channels, base_channels,
+                                               num_stages, strides)
+        builder = WarehouseBuilder(specs if self.kw_cfg else [], self.kw_cfg or {})
+        if self.kw_cfg:
+            self.warehouses = builder.warehouses
+
+        self.conv1 = nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False)
+        self.bn1 = build_norm_layer(norm_cfg, stem_channels)[1]
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        total_blocks = sum(stage_blocks)
+        block_index = 0
+        channels = stem_channels
+        self.res_layers: List[str] = []
+        for i, num_blocks in enumerate(stage_blocks):
+            planes = base_channels * 2**i
+            out_channels = planes * block.expansion
+            blocks = []
+            for j in range(num_blocks):
+                name = f'layer{i + 1}.{j}'
+                stride = strides[i] if j == 0 else 1
+                downsample = None
+                if j == 0 and (stride != 1 or channels != out_channels):
+                    downsample = nn.Sequential(
+                        builder.conv(f'{name}.downsample.0', channels, out_channels, 1,
+                                     stride=stride),
+                        build_norm_layer(norm_cfg, out_channels)[1])
+                rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
+                blocks.append(block(name, builder.conv, channels, planes, stride, dilations[i],
+                                    downsample, norm_cfg, rate))
+                channels = out_channels
+                block_index += 1
+            layer_name = f'layer{i + 1}'
+            self.add_module(layer_name, nn.Sequential(*blocks))
+            self.res_layers.append(layer_name)
+        builder.check_complete()
+        self.feat_dim = channels
+        self._freeze_stages()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            return
+        if isinstance(self.init_cfg, list) and any(c.get('type') == 'Pretrained'
+                                                   for c in self.init_cfg):
+            return
+        if self.zero_init_residual:
+            for name in self.res_layers:
+                for blk in getattr(self, name):
+                    nn.init.zeros_(blk.last_norm.weight)
+
+    def _freeze_stages(self) -> None:
+        modules: List[nn.Module] = []
+        if self.frozen_stages >= 0:
+            modules += [self.conv1, self.bn1]
+        modules += [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
+        freeze_modules(modules)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i, name in enumerate(self.res_layers):
+            x = getattr(self, name)(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+    def train(self, mode: bool = True) -> 'KWResNet':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self

@@ -1,0 +1,68 @@
+"""The shared part of tools/train.py and tools/test.py: config → Runner."""
+from __future__ import annotations
+
+import os.path as osp
+
+import torch
+from mmengine.config import Config, DictAction
+
+from .utils import check_dataset_paths
+
+
+def _cfg_options(pairs):
+    """Parse ``key=value`` strings the way mmengine's DictAction does."""
+    options = {}
+    action = DictAction(option_strings=['--cfg-options'], dest='cfg_options')
+
+    class _Namespace:
+        pass
+    namespace = _Namespace()
+    if pairs:
+        action(None, namespace, list(pairs))
+        options = namespace.cfg_options
+    return options
+
+
+def apply_common_args(args, for_training: bool) -> Config:
+    """Load ``args.config`` and apply the command-line options to it."""
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config not found: {args.config}')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    options = _cfg_options(args.cfg_options)
+    if options:
+        cfg.merge_from_dict(options)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if getattr(args, 'pretrained', None):
+        if not osp.isfile(args.pretrained):
+            raise FileNotFoundError(f'--pretrained checkpoint not found: {args.pretrained}')
+        cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=args.pretrained,
+                                           prefix='backbone.')
+    if for_training and args.amp:
+        wrapper = cfg.optim_wrapper
+        if wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
+            wrapper.type = 'AmpOptimWrapper'
+            if torch.cuda.is_available():
+                wrapper.loss_scale = 'dynamic'
+            else:
+                wrapper.dtype = 'bfloat16'
+    if for_training and args.resume:
+        cfg.resume = True
+        cfg.load_from = None if args.resume == 'auto' else args.resume
+        if cfg.load_from and not osp.isfile(cfg.load_from):
+            raise FileNotFoundError(f'--resume checkpoint not found: {cfg.load_from}')
+    return cfg
+
+
+def build_runner(cfg: Config, check_loaders=('train_dataloader', 'val_dataloader')):
+    """Check the dataset paths, then build mmengine's Runner from ``cfg``."""
+    check_dataset_paths(cfg, check_loaders)
+    import kw_mm  # noqa: F401  (registers modules, allows safe checkpoint loading)
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

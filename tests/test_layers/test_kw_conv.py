@@ -1,0 +1,153 @@
+"""KW convolutions and the KW linear layer: shapes, assembly, gradients, state."""
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kw_mm import KWConv1d, KWConv2d, KWConv3d, KWLinear, set_temperature
+from kw_mm.layers.partition import ZERO_CELL
+
+
+@pytest.mark.parametrize('kernel,stride,padding,dilation,groups', [
+    (3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (1, 1, 0, 1, 1), (3, 1, 2, 2, 1), (5, 2, 2, 1, 2),
+    (3, 1, 1, 1, 8), ((3, 1), (2, 1), (1, 0), 1, 4), (2, 2, 0, 1, 1)])
+def test_output_shape_matches_conv2d(kernel, stride, padding, dilation, groups):
+    torch.manual_seed(0)
+    kw = KWConv2d(8, 16, kernel, stride=stride, padding=padding, dilation=dilation,
+                  groups=groups)
+    ref = nn.Conv2d(8, 16, kernel, stride=stride, padding=padding, dilation=dilation,
+                    groups=groups)
+    x = torch.randn(3, 8, 11, 13)
+    assert kw(x).shape == ref(x).shape
+    assert kw(x[:1]).shape == ref(x[:1]).shape
+
+
+@pytest.mark.parametrize('cls,ref_cls,size', [(KWConv1d, nn.Conv1d, (9,)),
+                                              (KWConv3d, nn.Conv3d, (5, 6, 7))])
+def test_1d_and_3d_shapes(cls, ref_cls, size):
+    kw = cls(4, 6, 3, stride=2, padding=1)
+    ref = ref_cls(4, 6, 3, stride=2, padding=1)
+    x = torch.randn(2, 4, *size)
+    assert kw(x).shape == ref(x).shape
+
+
+def _assigned_kernel(layer):
+    """The static kernel built from each mixture's β cell (what τ = 1 must give)."""
+    plan = layer.layer_plan
+    wh = layer.kw_warehouse
+    co, ci = wh.plan.cell_out, wh.plan.cell_in
+    weight = torch.zeros(plan.kernel.out_channels, plan.kernel.in_channels,
+                         *plan.kernel.kernel_size)
+    kk = plan.kernel.kernel_size
+    for i, cell in enumerate(plan.beta):
+        s, rest = divmod(i, plan.out_groups * plan.in_groups)
+        o, c = divmod(rest, plan.in_groups)
+        pos = list(itertools.product(*[range(n) for n in kk]))[s]
+        if cell != ZERO_CELL:
+            weight[(slice(o * co, (o + 1) * co), slice(c * ci, (c + 1) * ci)) + pos] = \
+                wh.cells[cell].reshape(co, ci)
+    return weight
+
+
+@pytest.mark.parametrize('budget', [1, 0.5])
+def test_tau_one_assembles_the_assigned_cells(budget):
+    torch.manual_seed(0)
+    layer = KWConv2d(16, 32, 3, padding=1, budget=budget, bias=False)
+    set_temperature(layer, 1.0)
+    alpha = layer.attention(torch.randn(2, 16, 5, 5))
+    kernel = layer.assemble_kernel(alpha)
+    expected = _assigned_kernel(layer)
+    torch.testing.assert_close(kernel[0], expected)
+    torch.testing.assert_close(kernel[1], expected)
+    x = torch.randn(2, 16, 7, 7)
+    torch.testing.assert_close(layer(x), F.conv2d(x, expected, padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_forward_equals_per_sample_forward():
+    torch.manual_seed(0)
+    layer = KWConv2d(8, 8, 3, padding=1, groups=2).eval()
+    set_temperature(layer, 0.3)
+    x = torch.randn(4, 8, 6, 6)
+    whole = layer(x)
+    single = torch.cat([layer(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(whole, single, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_cells_attention_and_bias():
+    layer = KWConv2d(8, 8, 3, padding=1)
+    set_temperature(layer, 0.5)
+    layer(torch.randn(2, 8, 5, 5)).square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_deepcopy_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    layer = KWConv2d(8, 16, 3, padding=1).eval()
+    set_temperature(layer, 0.25)
+    clone = copy.deepcopy(layer)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(clone(x), layer(x))
+    assert clone.kw_warehouse is not layer.kw_warehouse
+    fresh = KWConv2d(8, 16, 3, padding=1).eval()
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), layer(x))
+    assert float(fresh.attention.temperature) == 0.25
+
+
+def test_buffers_follow_to():
+    layer = KWConv2d(8, 8, 3).to(torch.float64)
+    assert layer.attention.beta.dtype == torch.float64
+    assert layer.attention.temperature.dtype == torch.float64
+    out = layer(torch.randn(2, 8, 5, 5, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+def test_kw_linear_matches_linear_shape_and_tau_one():
+    torch.manual_seed(0)
+    layer = KWLinear(64, 40, budget=1, cell_in_ratio=0.5)
+    set_temperature(layer, 1.0)
+    x = torch.randn(3, 64)
+    weight = _assigned_kernel(layer).flatten(1)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert layer(torch.randn(3, 5, 64)).shape == (3, 5, 40)
+
+
+def test_caf_is_finite_for_zero_logits():
+    layer = KWConv2d(8, 8, 1, bias=False)
+    set_temperature(layer, 0.0)
+    with torch.no_grad():
+        layer.attention.fc2.weight.zero_()
+        layer.attention.fc2.bias.zero_()
+    alpha = layer.attention(torch.randn(2, 8, 3, 3))
+    assert torch.isfinite(alpha).all() and alpha.abs().sum() == 0
+
+
+def test_single_sample_trains():
+    layer = KWConv2d(8, 8, 3, padding=1).train()
+    before = layer.attention.norm1.running_mean.clone()
+    layer(torch.randn(1, 8, 5, 5)).sum().backward()
+    assert layer.attention.norm1.weight.grad is not None
+    torch.testing.assert_close(layer.attention.norm1.running_mean, before)
+
+
+def test_bad_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match='groups'):
+        KWConv2d(6, 8, 3, groups=4)
+    with pytest.raises(ValueError, match='budget'):
+        KWConv2d(8, 8, 3, budget=0)
+    with pytest.raises(ValueError, match='padding_mode'):
+        KWConv2d(8, 8, 3, padding_mode='reflect')
+
+
+def test_builds_through_mmcv_and_conv_module():
+    from mmcv.cnn import ConvModule, build_conv_layer
+    conv = build_conv_layer(dict(type='KWConv2d', budget=2), 8, 16, 3, padding=1)
+    assert isinstance(conv, KWConv2d) and conv.kw_warehouse.num_cells == 2 * 9
+    module = ConvModule(8, 16, 3, padding=1, conv_cfg=dict(type='KWConv2d'),
+                        norm_cfg=dict(type='BN'))
+    module.init_weights()
+    assert module(torch.randn(2, 8, 6, 6)).shape == (2, 16, 6, 6)

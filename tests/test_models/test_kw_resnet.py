@@ -1,0 +1,106 @@
+"""KWResNet: released parameter counts and warehouse shapes, freezing, errors."""
+import os.path as osp
+
+import pytest
+import torch
+
+from kw_mm import set_temperature
+from kw_mm.models.backbones import KWResNet
+
+# released models (reference README / paper Tables 1–2), with the 1000-class head
+RELEASED = [
+    ('kw1d4x_resnet18', 18, dict(budget=0.25), 4.03e6),
+    ('kw1d2x_resnet18', 18, dict(budget=0.5), 7.43e6),
+    ('kw1x_resnet18', 18, dict(budget=1), 11.93e6),
+    ('kw2x_resnet18', 18, dict(budget=2), 23.24e6),
+    ('kw4x_resnet18', 18, dict(budget=4), 45.86e6),
+    ('kw1d2x_resnet50', 50, dict(budget=0.5, nonlocal_basis_ratio=0.0625), 17.64e6),
+    ('kw1x_resnet50', 50, dict(budget=1), 28.05e6),
+    ('kw4x_resnet50', 50, dict(budget=4), 102.02e6),
+]
+
+
+def classifier_params(backbone):
+    return sum(p.numel() for p in backbone.parameters()) + backbone.feat_dim * 1000 + 1000
+
+
+def read_tsv(path):
+    shapes, header = {}, {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip('\n')
+            if line.startswith('# params:'):
+                header['params'] = int(line.split(':')[1])
+            elif line and not line.startswith('#'):
+                key, shape = line.split('\t')
+                shapes[key] = () if shape == 'scalar' else tuple(int(s) for s in shape.split('x'))
+    return header, shapes
+
+
+@pytest.mark.parametrize('name,depth,kw_cfg,paper', RELEASED, ids=[r[0] for r in RELEASED])
+def test_released_parameter_counts_and_shapes(name, depth, kw_cfg, paper, reference_dir):
+    with torch.device('meta'):
+        backbone = KWResNet(depth, kw_cfg=kw_cfg)
+    count = classifier_params(backbone)
+    assert abs(count - paper) <= 0.005e6, (count, paper)
+    header, shapes = read_tsv(osp.join(reference_dir, 'released_state_dicts', f'{name}.tsv'))
+    assert count == header['params']
+    ours = {k: tuple(v.shape) for k, v in backbone.state_dict().items()
+            if not k.endswith('attention.temperature')}
+    theirs = {}
+    for key, shape in shapes.items():
+        if key.startswith('warehouse_manager.weights.'):
+            key = 'warehouses.' + key.rsplit('.', 1)[1] + '.cells'
+        elif key.startswith('fc.'):
+            continue
+        theirs[key] = shape
+    assert ours == theirs
+
+
+def test_plain_baseline_has_no_warehouse():
+    with torch.device('meta'):
+        plain = KWResNet(18, kw_cfg=None)
+    assert not hasattr(plain, 'warehouses')
+    assert classifier_params(plain) == 11689512  # torchvision resnet18
+
+
+def test_forward_shapes_and_out_indices():
+    model = KWResNet(18, kw_cfg=dict(budget=0.5), out_indices=(0, 1, 2, 3)).eval()
+    outs = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4),
+                                            (2, 512, 2, 2)]
+
+
+def test_frozen_stages_and_norm_eval_really_freeze():
+    torch.manual_seed(0)
+    model = KWResNet(18, kw_cfg=dict(budget=1), out_indices=(0, 1), frozen_stages=1,
+                     norm_eval=True)
+    model.init_weights()
+    model.train()
+    set_temperature(model, 0.5)
+    # the stem, layer1 and warehouse 0 (shared by layer1 and layer2.0's first conv) are frozen
+    frozen = [model.conv1, model.bn1, model.layer1, model.warehouses[0]]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert model.warehouses[1].cells.requires_grad
+    assert model.layer2[0].conv1.attention.fc2.weight.requires_grad
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(not m.training for m in norms)  # attention norms included
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    before = model(x)[0].detach().clone()
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x)[1].square().mean().backward()
+    opt.step()
+    model.eval()
+    torch.testing.assert_close(model(x)[0], before)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(depth=19), 'depth'), (dict(depth=18, out_indices=(4, )), 'out_indices'),
+    (dict(depth=18, frozen_stages=5), 'frozen_stages'),
+    (dict(depth=18, kw_cfg=dict(budgte=1)), 'budgte'),
+    (dict(depth=18, kw_cfg=dict(budget=-1)), 'budget')])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        KWResNet(**kwargs)

@@ -1,0 +1,51 @@
+"""The converter: golden logits of the authors' models, identification, refusal."""
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kw_mm import set_temperature
+from kw_mm.convert import REPO_ROOT, build_from_config
+
+TOOL = osp.join(REPO_ROOT, 'tools', 'convert_official_kw.py')
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize('name', ['kw1d4x_resnet18'])
+def test_golden_logits_after_conversion(name, reference_dir, tmp_path):
+    src = osp.join(reference_dir, 'golden', f'{name}.pth')
+    dst = tmp_path / 'converted.pth'
+    result = run_tool(src, str(dst))
+    assert result.returncode == 0, result.stderr
+    config = result.stdout.strip().splitlines()[-1]
+    assert not osp.isabs(config) and osp.isfile(osp.join(REPO_ROOT, config))
+    model = build_from_config(osp.join(REPO_ROOT, config)).eval()
+    state = torch.load(dst, weights_only=True)['state_dict']
+    missing, unexpected = model.load_state_dict(state, strict=True)
+    golden = torch.load(src, weights_only=True)
+    with torch.no_grad():
+        for tau in (0.0, 0.5):
+            set_temperature(model, tau)
+            logits = model(golden['input'], mode='tensor')
+            torch.testing.assert_close(logits, golden['logits'][f'tau={tau}'], atol=1e-4,
+                                       rtol=0)
+
+
+def test_unknown_layout_is_refused_naming_tensors(reference_dir, tmp_path):
+    golden = torch.load(osp.join(reference_dir, 'golden', 'kw1d4x_resnet18.pth'),
+                        weights_only=True)
+    state = dict(golden['model'])
+    state['warehouse_manager.weights.0'] = torch.zeros(55, 32, 32, 1, 1)
+    src = tmp_path / 'odd.pth'
+    torch.save({'model': state}, src)
+    dst = tmp_path / 'out.pth'
+    result = run_tool(str(src), str(dst))
+    assert result.returncode == 1
+    assert 'backbone.warehouses.0.cells' in result.stderr and '[55, 32, 32, 1, 1]' in result.stderr
+    assert not dst.exists()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv/ with the stack kw_mm is tested on. Idempotent: a finished
+# environment is marked by .venv/.kw_mm_ready and is reused as is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+STAMP=$VENV/.kw_mm_ready
+PY=${PYTHON:-python3}
+if [[ -f $STAMP ]]; then
+  exit 0
+fi
+echo "[setup_venv] creating $VENV (first run only; building mmcv's ops takes ~15 min on 2 cores)"
+if [[ ! -x $VENV/bin/python ]]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+# The machine's default pip configuration offers a CPU-only torch wheel that
+# has no matching torchvision; take the registry's build of the pair instead.
+env -u PIP_FIND_LINKS $PIP install --isolated torch==2.13.0 torchvision==0.28.0
+# Installing torch pulls the newest setuptools: pin it back (see constraints).
+$PIP install -c requirements/constraints.txt "setuptools>=77.0.3,<82" wheel ninja
+# mmcv's compiled ops (RoIAlign, NMS) are needed by Mask R-CNN; build against
+# the torch just installed (ninja compiles on all cores). pip caches the
+# wheel, so later installs take seconds.
+MAX_JOBS=${MAX_JOBS:-$(nproc)} MMCV_WITH_OPS=1 $PIP install --no-build-isolation -c requirements/constraints.txt mmcv==2.1.0
+$PIP install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/tests.txt
+$PIP install --no-build-isolation --no-deps -e .
+$VENV/bin/python -c "import mmcv.ops, mmdet, mmpretrain, pycocotools, kw_mm; print('[setup_venv] ok: torch', __import__('torch').__version__, 'mmcv', mmcv.__version__)"
+touch "$STAMP"
