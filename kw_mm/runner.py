@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import os.path as osp
+import warnings
 
-import torch
-from mmengine.config import Config, DictAction
+# mmengine 0.10.7 imports pkg_resources, which setuptools deprecates loudly;
+# the tools need it (config bases `mmdet::` / `mmpretrain::`), so hush it.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-from .utils import check_dataset_paths
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+
+from .utils import check_dataset_paths, tune_cpu_allocator  # noqa: E402
 
 
 def _cfg_options(pairs):
@@ -61,6 +66,7 @@ def build_runner(cfg: Config, check_loaders=('train_dataloader', 'val_dataloader
     """Check the dataset paths, then build mmengine's Runner from ``cfg``."""
     check_dataset_paths(cfg, check_loaders)
     import kw_mm  # noqa: F401  (registers modules, allows safe checkpoint loading)
+    tune_cpu_allocator()
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     if 'runner_type' in cfg:

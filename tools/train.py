@@ -42,4 +42,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except FileNotFoundError as err:
+        sys.exit(f'error: {err}')

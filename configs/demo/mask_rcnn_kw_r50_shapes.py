@@ -5,7 +5,7 @@
 _base_ = '../mask_rcnn_kw_r50.py'
 
 data_root = 'data/demo_shapes/'
-image_size = (160, 160)
+image_size = (128, 128)
 metainfo = dict(classes=('circle', 'square', 'triangle'),
                 palette=[(220, 20, 60), (0, 130, 200), (60, 180, 75)])
 num_classes = len(metainfo['classes'])
@@ -18,10 +18,10 @@ model = dict(
     # --- schedule: proposal and RoI counts -----------------------------------
     train_cfg=dict(
         rpn=dict(sampler=dict(num=128)),
-        rpn_proposal=dict(nms_pre=600, max_per_img=300),
-        rcnn=dict(sampler=dict(num=128))),
+        rpn_proposal=dict(nms_pre=500, max_per_img=150),
+        rcnn=dict(sampler=dict(num=64))),
     test_cfg=dict(
-        rpn=dict(nms_pre=600, max_per_img=300),
+        rpn=dict(nms_pre=500, max_per_img=150),
         rcnn=dict(max_per_img=50)))
 
 train_pipeline = [
@@ -64,12 +64,12 @@ val_evaluator = dict(ann_file=data_root + 'annotations/val.json')
 test_evaluator = val_evaluator
 
 # --- schedule --------------------------------------------------------------
-max_epochs = 6
+max_epochs = 5
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 optim_wrapper = dict(optimizer=dict(lr=0.02), clip_grad=dict(max_norm=10.0))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[5],
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[4],
          gamma=0.1),
 ]
 auto_scale_lr = dict(enable=False)

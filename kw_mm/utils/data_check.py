@@ -41,7 +41,10 @@ def check_dataset_paths(cfg, loaders=('train_dataloader', 'val_dataloader', 'tes
     for where, ds in _datasets(cfg, loaders):
         root = ds.get('data_root') or ''
         if root and '://' not in root and not osp.isdir(root):
-            missing.append(f'{where}.dataset.data_root: {root}')
+            inside = [p for p in (ds.get('ann_file'), *(ds.get('data_prefix') or {}).values())
+                      if isinstance(p, str) and p]
+            hint = f" (expected inside: {', '.join(inside)})" if inside else ''
+            missing.append(f'{where}.dataset.data_root: {root}{hint}')
             continue
         ann = _join(root, ds.get('ann_file'))
         if ann and '://' not in ann and not osp.exists(ann):

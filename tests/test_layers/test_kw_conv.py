@@ -151,3 +151,35 @@ def test_builds_through_mmcv_and_conv_module():
                         norm_cfg=dict(type='BN'))
     module.init_weights()
     assert module(torch.randn(2, 8, 6, 6)).shape == (2, 16, 6, 6)
+
+
+LAYER_CASES = [
+    ('dense3x3', lambda bias: KWConv2d(8, 16, 3, padding=1, bias=bias), (8, 7, 7)),
+    ('pointwise', lambda bias: KWConv2d(16, 32, 1, bias=bias), (16, 5, 5)),
+    ('pointwise-stride2', lambda bias: KWConv2d(16, 32, 1, stride=2, bias=bias), (16, 7, 7)),
+    ('depthwise', lambda bias: KWConv2d(16, 16, 3, padding=1, groups=16, bias=bias),
+     (16, 6, 6)),
+    ('grouped-dilated', lambda bias: KWConv2d(8, 8, 3, padding=2, dilation=2, groups=2,
+                                              bias=bias), (8, 7, 7)),
+    ('conv1d', lambda bias: KWConv1d(4, 8, 3, stride=2, padding=1, bias=bias), (4, 11)),
+    ('pointwise1d', lambda bias: KWConv1d(4, 8, 1, bias=bias), (4, 11)),
+    ('conv3d', lambda bias: KWConv3d(4, 8, 3, padding=1, bias=bias), (4, 4, 5, 6)),
+    ('linear', lambda bias: KWLinear(24, 12, bias=bias), (24,)),
+]
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('name,make,shape', LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_fast_path_matches_reference(name, make, shape, bias, batch, mode):
+    torch.manual_seed(0)
+    layer = make(bias)
+    set_temperature(layer, 0.3)
+    if bias:
+        nn.init.normal_(layer.bias)
+    layer.train(mode == 'train')
+    x = torch.randn(batch, *shape)
+    fast = layer(x)
+    ref = layer.reference_forward(x)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)

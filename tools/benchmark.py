@@ -1,0 +1,213 @@
+"""Throughput and memory of two models, measured side by side in one process.
+
+    python tools/benchmark.py                       # KW 1x vs plain ResNet50 and ResNet18
+    python tools/benchmark.py A.py B.py             # any two mmpretrain configs (A vs B)
+    python tools/benchmark.py --suite all --json out.json --markdown out.md
+
+For each pair it times inference (``no_grad``) and a training step (forward,
+cross-entropy / feature loss, backward, SGD step), on classification input
+(batch 8, 3×224×224, the whole classifier) and detection input (batch 2,
+3×800×1216, backbone only). Repetitions of A and B are interleaved after a
+warm-up, so both see the same machine state; the table gives medians,
+the spread (min–max) and the ratio throughput(A) / throughput(B). Peak
+memory of a training step is measured in a fresh subprocess per model
+(CPU: peak RSS growth over the built model; CUDA: max allocated).
+This is a script, not a test: numbers depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from kw_mm.utils.allocator import tune_cpu_allocator  # noqa: E402
+
+SUITES = {
+    'resnet50': ('configs/kw_resnet/kw1x-resnet50_8xb32_in1k.py',
+                 'configs/kw_resnet/resnet50_8xb32_in1k.py'),
+    'resnet18': ('configs/kw_resnet/kw1x-resnet18_8xb32_in1k.py',
+                 'configs/kw_resnet/resnet18_8xb32_in1k.py'),
+}
+INPUTS = {'cls': (8, 224, 224), 'det': (2, 800, 1216)}
+
+
+def build(config: str, device: str):
+    from kw_mm import set_temperature
+    from kw_mm.convert import build_from_config
+    model = build_from_config(osp.join(ROOT, config)).to(device)
+    set_temperature(model, 0.0)  # the trained state; τ does not change the cost
+    return model
+
+
+def make_step(model, kind: str, mode: str, batch: int, device: str) -> Callable[[], None]:
+    h, w = INPUTS[kind][1:]
+    x = torch.randn(batch, 3, h, w, device=device)
+    net = model if kind == 'cls' else model.backbone
+    if mode == 'infer':
+        net.eval()
+
+        def step():
+            with torch.no_grad():
+                net(x, mode='tensor') if kind == 'cls' else net(x)
+        return step
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if kind == 'cls':
+            loss = torch.nn.functional.cross_entropy(net(x, mode='tensor'), labels)
+        else:
+            loss = sum(o.float().square().mean() for o in net(x))
+        loss.backward()
+        opt.step()
+    return step
+
+
+def sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def time_pair(steps: Tuple[Callable, Callable], device: str, warmup: int, reps: int
+              ) -> Tuple[List[float], List[float]]:
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    sync(device)
+    times: Tuple[List[float], List[float]] = ([], [])
+    for rep in range(reps):
+        order = (0, 1) if rep % 2 == 0 else (1, 0)
+        for i in order:
+            start = time.perf_counter()
+            steps[i]()
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(config: str, kind: str, batch: int, device: str) -> float:
+    """Peak memory (MiB) of training steps, in a fresh subprocess."""
+    code = (
+        'import sys, resource, torch; sys.path.insert(0, %r)\n'
+        'from tools.benchmark import build, make_step\n'
+        'torch.set_num_threads(%d)\n'
+        'from kw_mm.utils.allocator import tune_cpu_allocator; tune_cpu_allocator()\n'
+        'm = build(%r, %r); step = make_step(m, %r, "train", %d, %r)\n'
+        'base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n'
+        'if %r.startswith("cuda"): torch.cuda.reset_peak_memory_stats()\n'
+        'step(); step()\n'
+        'if %r.startswith("cuda"): print(torch.cuda.max_memory_allocated() / 2**20)\n'
+        'else: print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n'
+    ) % (ROOT, torch.get_num_threads(), config, device, kind, batch, device, device, device)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f'memory probe failed for {config}:\n{out.stderr[-2000:]}')
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup: int,
+        reps: int, cls_batch: int, memory: bool) -> List[Dict]:
+    rows = []
+    for name, (a_cfg, b_cfg) in pairs.items():
+        models = (build(a_cfg, device), build(b_cfg, device))
+        for kind in kinds:
+            batch = cls_batch if kind == 'cls' else INPUTS['det'][0]
+            for mode in ('infer', 'train'):
+                steps = tuple(make_step(m, kind, mode, batch, device) for m in models)
+                ta, tb = time_pair(steps, device, warmup, reps)
+                ma, mb = statistics.median(ta), statistics.median(tb)
+                row = dict(pair=name, a=a_cfg, b=b_cfg, input=kind, batch=batch, mode=mode,
+                           a_median_s=ma, b_median_s=mb, a_spread_s=[min(ta), max(ta)],
+                           b_spread_s=[min(tb), max(tb)], ratio=mb / ma,
+                           per_rep_ratios=[b / a for a, b in zip(ta, tb)])
+                if memory and mode == 'train':
+                    row['a_peak_mib'] = peak_memory(a_cfg, kind, batch, device)
+                    row['b_peak_mib'] = peak_memory(b_cfg, kind, batch, device)
+                    row['memory_ratio'] = row['a_peak_mib'] / max(row['b_peak_mib'], 1e-9)
+                rows.append(row)
+                print(format_row(row), flush=True)
+        del models
+    return rows
+
+
+HEADER = ('| pair | input | mode | A median (s) | B median (s) | A spread | B spread | '
+          'throughput A/B | peak mem A/B |')
+
+
+def format_row(row: Dict) -> str:
+    mem = (f"{row['a_peak_mib']:.0f}/{row['b_peak_mib']:.0f} MiB = {row['memory_ratio']:.2f}x"
+           if 'memory_ratio' in row else '')
+    shape = f"{row['input']} b{row['batch']}"
+    return (f"| {row['pair']} | {shape} | {row['mode']} | {row['a_median_s']:.3f} | "
+            f"{row['b_median_s']:.3f} | {row['a_spread_s'][0]:.3f}–{row['a_spread_s'][1]:.3f} | "
+            f"{row['b_spread_s'][0]:.3f}–{row['b_spread_s'][1]:.3f} | {row['ratio']:.2f}x | {mem} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('configs', nargs='*', help='two configs: A (e.g. KW) and B (baseline)')
+    parser.add_argument('--suite', default='resnet50,resnet18',
+                        help=f'comma-separated pairs from {sorted(SUITES)} or "all"')
+    parser.add_argument('--inputs', default='cls,det', help='cls, det or both')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=6)
+    parser.add_argument('--cls-batch', type=int, default=None,
+                        help='classification batch (default 8 on CPU, 64 on CUDA)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the memory probes')
+    parser.add_argument('--json', help='write the rows as JSON')
+    parser.add_argument('--markdown', help='write the table as Markdown')
+    parser.add_argument('--no-malloc-tuning', action='store_true',
+                        help='keep glibc\'s default allocator policy (see kw_mm/utils/allocator.py)')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
+    if args.configs:
+        if len(args.configs) != 2:
+            parser.error('give exactly two configs (A and B), or none for the default suite')
+        pairs = {'A vs B': tuple(args.configs)}
+    else:
+        names = sorted(SUITES) if args.suite == 'all' else args.suite.split(',')
+        unknown = [n for n in names if n not in SUITES]
+        if unknown:
+            parser.error(f'--suite: unknown pair(s) {unknown}; choose from {sorted(SUITES)}')
+        pairs = {n: SUITES[n] for n in names}
+    kinds = args.inputs.split(',')
+    if not set(kinds) <= set(INPUTS):
+        parser.error(f'--inputs must be a comma-separated subset of {sorted(INPUTS)}')
+    cls_batch = args.cls_batch or (64 if args.device.startswith('cuda') else 8)
+    device_name = (torch.cuda.get_device_name() if args.device.startswith('cuda')
+                   else f'CPU, {args.threads} threads')
+    print(f'# {device_name}; torch {torch.__version__}; heap allocator tuning: {tuned}; '
+          'ratio = throughput(A) / throughput(B)')
+    print(HEADER)
+    print('|' + '---|' * 9)
+    rows = run(pairs, kinds, args.device, args.warmup, args.reps, cls_batch,
+               not args.no_memory)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(device=device_name, torch=torch.__version__, rows=rows), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(f'Device: {device_name}\n\n{HEADER}\n|' + '---|' * 9 + '\n')
+            f.write('\n'.join(format_row(r) for r in rows) + '\n')
+
+
+if __name__ == '__main__':
+    main()
