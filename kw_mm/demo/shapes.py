@@ -77,7 +77,7 @@ def _write_split(root: str, split: str, num_images: int, size: int, seed: int) -
         json.dump(dict(images=images, annotations=annotations, categories=categories), f)
 
 
-def make_shapes_dataset(root: str, num_train: int = 240, num_val: int = 48, size: int = 128,
+def make_shapes_dataset(root: str, num_train: int = 180, num_val: int = 48, size: int = 128,
                         seed: int = 0) -> str:
     """Create the dataset under ``root`` unless it is already complete.
 

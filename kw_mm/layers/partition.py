@@ -191,7 +191,8 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
     Args:
         kernels (Sequence[KernelShape]): The sharing layers in β-walk order
             (``model.modules()`` order).
-        budget (float): Convolutional parameter budget b = n / m_t.
+        budget (float): Convolutional parameter budget b = n / m_t; the
+            warehouse gets n = int(b · m_t) cells, which must be at least 1.
         cell_in_ratio (float, optional): Cell input channels as a fraction of
             the gcd of the layers' per-group input channels. Defaults to 1 for
             b ≥ 1 and 1/2 for b < 1 (paper appendix A.3).
@@ -220,7 +221,14 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
     cell_in = _cell_size(gcd_in, cell_in_ratio, 'in', kernels)
     counts = [(k.out_channels // cell_out) * (k.in_channels // cell_in) * k.spatial_positions
               for k in kernels]
-    num_cells = max(int(budget * sum(counts)), 1)
+    total = sum(counts)
+    num_cells = int(budget * total)
+    if num_cells < 1:
+        names = ', '.join(k.name for k in kernels)
+        raise ValueError(
+            f'budget={budget!r} gives zero cells for the warehouse of {names}: n = int(b · m_t) '
+            f'with m_t = {total} mixtures; the budget must be at least 1/{total} '
+            f'(= {1 / total:.4g}) for these layers')
     betas = assign_beta(counts, num_cells, budget)
     layers = tuple(
         LayerPlan(kernel=k, out_groups=k.out_channels // cell_out,

@@ -113,3 +113,18 @@ def test_set_temperature_reaches_wrapped_and_copied_models():
     assert get_temperature(copy.deepcopy(model)) == pytest.approx(0.3)
     with pytest.raises(ValueError, match='temperature'):
         set_temperature(model, 1.5)
+
+
+def test_set_temperature_through_real_ddp(tmp_path):
+    import torch.distributed as dist
+    from mmengine.model import MMDistributedDataParallel
+
+    from kw_mm import set_temperature
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    try:
+        model = ToyModel()
+        ddp = MMDistributedDataParallel(module=model)
+        assert set_temperature(ddp, 0.7) == 1
+        assert get_temperature(model) == pytest.approx(0.7)
+    finally:
+        dist.destroy_process_group()

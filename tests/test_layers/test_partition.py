@@ -71,3 +71,9 @@ def test_bad_budget_is_refused(budget):
 def test_cells_that_do_not_divide_are_refused():
     with pytest.raises(ValueError, match='cell_in_ratio'):
         plan_warehouse([k('a', 8, 6)], 1, cell_in_ratio=0.25)
+
+
+def test_budget_giving_zero_cells_is_refused():
+    # one 1x1 16->16 layer at b = 1 has m_t = 1 mixture; b = 0.5 would give int(0.5) = 0 cells
+    with pytest.raises(ValueError, match=r'zero cells.*at least 1/1'):
+        plan_warehouse([k('a', 16, 16, 1)], 0.5, cell_in_ratio=1, cell_out_ratio=1)

@@ -104,3 +104,17 @@ def test_frozen_stages_and_norm_eval_really_freeze():
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, KeyError), match=match):
         KWResNet(**kwargs)
+
+
+def test_pretrained_of_another_variant_is_refused(tmp_path):
+    from kw_mm.convert import CheckpointMismatchError
+    source = KWResNet(18, kw_cfg=dict(budget=2))
+    path = tmp_path / 'kw2x.pth'
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in source.state_dict().items()}}, path)
+    init = dict(type='Pretrained', checkpoint=str(path), prefix='backbone.')
+    ok = KWResNet(18, kw_cfg=dict(budget=2), init_cfg=init)
+    ok.init_weights()
+    torch.testing.assert_close(ok.warehouses[0].cells, source.warehouses[0].cells)
+    wrong = KWResNet(18, kw_cfg=dict(budget=1), init_cfg=init)
+    with pytest.raises(CheckpointMismatchError, match=r'warehouses\.0\.cells: found \[112, 64, 64, 1, 1\], expected \[56'):
+        wrong.init_weights()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
-from .utils import check_frozen_stages, check_out_indices, freeze_modules
+from .utils import check_frozen_stages, check_out_indices, check_pretrained, freeze_modules
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -243,6 +243,7 @@ class KWResNet(BaseModule):
         self._freeze_stages()
 
     def init_weights(self) -> None:
+        check_pretrained(self, self.init_cfg)
         super().init_weights()
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             return

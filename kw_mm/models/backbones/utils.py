@@ -47,3 +47,47 @@ def freeze_modules(modules: Iterable[nn.Module]) -> None:
         for layer in module.modules():
             if isinstance(layer, _KWLayer):
                 layer.kw_warehouse.cells.requires_grad = False
+
+
+def pretrained_cfg(init_cfg):
+    """The ``Pretrained`` entry of an mmengine ``init_cfg`` (dict or list), or None."""
+    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    for cfg in cfgs:
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            return cfg
+    return None
+
+
+def check_pretrained(module: nn.Module, init_cfg) -> None:
+    """Refuse a ``Pretrained`` checkpoint whose KW tensors do not fit ``module``.
+
+    mmengine loads pretrained weights non-strictly and only logs mismatches,
+    so a checkpoint of another KW variant (another budget, depth or family)
+    would leave the warehouses at their random initialisation without a
+    clear sign. This check runs first and raises, naming what was found and
+    what was expected.
+    """
+    cfg = pretrained_cfg(init_cfg)
+    if cfg is None or not cfg.get('checkpoint'):
+        return
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from ...convert import CheckpointMismatchError, compare_shapes
+    checkpoint = CheckpointLoader.load_checkpoint(cfg['checkpoint'], map_location='cpu')
+    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else {}
+    prefix = cfg.get('prefix')
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    found = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, 'shape')}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    kw_keys = {k for k in expected if k.startswith('warehouses.') or '.attention.' in k}
+    problems = compare_shapes({k: v for k, v in found.items() if k in expected},
+                              {k: v for k, v in expected.items() if k in found or k in kw_keys})
+    if problems:
+        problems.sort(key=lambda p: 'warehouses.' not in p)  # the telling ones first
+        shown = '\n  '.join(problems[:12])
+        more = f'\n  ... and {len(problems) - 12} more' if len(problems) > 12 else ''
+        raise CheckpointMismatchError(
+            f"init_cfg checkpoint {cfg['checkpoint']!r} (prefix {cfg.get('prefix')!r}) does not "
+            f'fit this {type(module).__name__}; found vs expected:\n  {shown}{more}')
