@@ -2,13 +2,17 @@
 
 The released ImageNet models store a state dict (under ``model`` and, when
 trained with EMA, ``model_ema``, or bare) whose KW layers already use kw_mm's
-module names; only the warehouse container and the classifier differ:
+module names; only the warehouse container, the classifier and (ConvNeXt) the final norm differ:
 
 ==============================  =====================================
 authors                         kw_mm (mmpretrain ``ImageClassifier``)
 ==============================  =====================================
 ``warehouse_manager.weights.N`` ``backbone.warehouses.N.cells``
 ``fc.*`` / ``classifier.*``     ``head.fc.*``
+``classifier.1.conv.*`` (KW)    ``head.fc.*`` (``KWLinearClsHead``, MobileNetV2 1/2x)
+last ``weights.N`` (KW head)    ``head.fc.warehouse.cells`` (the classifier's own)
+``head.*`` (ConvNeXt)           ``head.fc.*``
+``norm.*`` (ConvNeXt)           ``backbone.norm3.*``
 everything else                 ``backbone.`` + key
 (no τ stored)                   ``backbone.<layer>.attention.temperature`` = 0
 ==============================  =====================================
@@ -53,6 +57,19 @@ RELEASED_MODELS: Tuple[ReleasedModel, ...] = tuple(
         ('kw1x_resnet50', 'kw1x-resnet50_8xb32_in1k.py'),
         ('kw4x_resnet50', 'kw4x-resnet50_8xb32_in1k.py'),
     ))
+RELEASED_MODELS += (
+    ReleasedModel('kw1x_convnext_tiny', 'configs/kw_convnext/kw1x-convnext-tiny_32xb128_in1k.py'),
+)
+RELEASED_MODELS += tuple(
+    ReleasedModel(name, f'configs/kw_mobilenet_v2/{cfg}')
+    for name, cfg in (
+        ('kw1d2x_mobilenetv2_050', 'kw1d2x-mobilenet-v2-w0.5_8xb32_in1k.py'),
+        ('kw1x_mobilenetv2_050', 'kw1x-mobilenet-v2-w0.5_8xb32_in1k.py'),
+        ('kw4x_mobilenetv2_050', 'kw4x-mobilenet-v2-w0.5_8xb32_in1k.py'),
+        ('kw1d2x_mobilenetv2_100', 'kw1d2x-mobilenet-v2_8xb32_in1k.py'),
+        ('kw1x_mobilenetv2_100', 'kw1x-mobilenet-v2_8xb32_in1k.py'),
+        ('kw4x_mobilenetv2_100', 'kw4x-mobilenet-v2_8xb32_in1k.py'),
+    ))
 
 
 class CheckpointMismatchError(ValueError):
@@ -76,19 +93,50 @@ def extract_state_dict(checkpoint: Mapping, prefer_ema: bool = False) -> Dict[st
         f'state dict, got keys {sorted(checkpoint)[:10]}')
 
 
+#: the authors' KW classifier (MobileNetV2 1/2x): ``classifier = [Dropout, KWLinear]``,
+#: and their KWLinear wraps a 1-d KW convolution called ``conv``.
+KW_CLASSIFIER_PREFIX = 'classifier.1.conv.'
+
+
+def kw_classifier_warehouse(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Index (as text) of the warehouse of the authors' KW classifier, or None.
+
+    The authors number warehouses in construction order and build the
+    classifier last, so with a KW classifier the last warehouse is its own.
+    """
+    keys = [k[len('module.'):] if k.startswith('module.') else k for k in state_dict]
+    if not any(k.startswith(KW_CLASSIFIER_PREFIX) for k in keys):
+        return None
+    indices = [int(k.rsplit('.', 1)[1]) for k in keys
+               if k.startswith('warehouse_manager.weights.')]
+    return str(max(indices)) if indices else None
+
+
 def official_to_mmpretrain(state_dict: Mapping[str, torch.Tensor],
                            temperature: float = 0.0) -> Dict[str, torch.Tensor]:
     """Rename an authors' state dict to an mmpretrain ``ImageClassifier``'s."""
     out: Dict[str, torch.Tensor] = {}
+    head_warehouse = kw_classifier_warehouse(state_dict)
     for key, value in state_dict.items():
         key = key[len('module.'):] if key.startswith('module.') else key
         if key.startswith('warehouse_manager.weights.'):
             index = key.rsplit('.', 1)[1]
+            if index == head_warehouse:  # KWLinearClsHead owns the classifier's warehouse
+                out['head.fc.warehouse.cells'] = value
+                continue
             out[f'backbone.warehouses.{index}.cells'] = value
+        elif key.startswith(KW_CLASSIFIER_PREFIX):  # MobileNetV2 1/2x: KWLinear's ``conv``
+            out['head.fc.' + key[len(KW_CLASSIFIER_PREFIX):]] = value
+            if key.endswith('.attention.fc1.weight'):
+                out['head.fc.attention.temperature'] = torch.tensor(float(temperature))
         elif key.startswith('fc.'):
             out['head.fc.' + key[3:]] = value
         elif key.startswith('classifier.'):
             out['head.fc.' + key[len('classifier.'):]] = value
+        elif key.startswith('head.'):  # ConvNeXt classifier
+            out['head.fc.' + key[len('head.'):]] = value
+        elif key.startswith('norm.'):  # ConvNeXt final norm (after pooling): mmpretrain's norm3
+            out['backbone.norm3.' + key[len('norm.'):]] = value
         else:
             out['backbone.' + key] = value
             if key.endswith('.attention.fc1.weight'):

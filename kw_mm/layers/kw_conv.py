@@ -198,8 +198,11 @@ class _KWConvNd(_KWLayer):
     def _per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # On CPU, oneDNN runs B ordinary convolutions faster than one
         # convolution with B× the groups (measured by tools/benchmark.py).
-        return torch.cat([self._conv(x[b:b + 1], weight[b], self.groups)
-                          for b in range(x.shape[0])])
+        # split/unbind rather than indexing: their backward is one cat/stack,
+        # where indexing would scatter each sample's gradient into a zeroed
+        # full-size tensor (B² memory traffic).
+        return torch.cat([self._conv(xb, wb, self.groups)
+                          for xb, wb in zip(x.split(1), weight.unbind(0))])
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The straightforward computation, kept for tests of the fast paths:

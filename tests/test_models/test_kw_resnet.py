@@ -118,3 +118,25 @@ def test_pretrained_of_another_variant_is_refused(tmp_path):
     wrong = KWResNet(18, kw_cfg=dict(budget=1), init_cfg=init)
     with pytest.raises(CheckpointMismatchError, match=r'warehouses\.0\.cells: found \[112, 64, 64, 1, 1\], expected \[56'):
         wrong.init_weights()
+
+
+def test_batch_of_one_trains():
+    torch.manual_seed(0)
+    model = KWResNet(18, kw_cfg=dict(budget=0.5)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.warehouses[1].cells.detach().clone()
+    model(torch.randn(1, 3, 64, 64))[0].mean().backward()
+    opt.step()
+    assert not torch.equal(before, model.warehouses[1].cells)
+
+
+def test_bf16_autocast_training_step_is_finite():
+    torch.manual_seed(0)
+    model = KWResNet(18, kw_cfg=dict(budget=1)).train()
+    set_temperature(model, 0.5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64))[0]
+    loss = out.float().square().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -17,7 +17,7 @@ def run_tool(*args):
                           cwd=REPO_ROOT)
 
 
-@pytest.mark.parametrize('name', ['kw1d4x_resnet18'])
+@pytest.mark.parametrize('name', ['kw1d4x_resnet18', 'kw1x_mobilenetv2_050'])
 def test_golden_logits_after_conversion(name, reference_dir, tmp_path):
     src = osp.join(reference_dir, 'golden', f'{name}.pth')
     dst = tmp_path / 'converted.pth'
