@@ -103,3 +103,43 @@ def make_shapes_dataset(root: str, num_train: int = 180, num_val: int = 48, size
         if osp.exists(tmp):
             shutil.rmtree(tmp)
     return root
+
+
+def make_shapes_classification(root: str, num_train: int = 600, num_val: int = 150,
+                               size: int = 64, seed: int = 0) -> str:
+    """A classification set in mmpretrain's ``CustomDataset`` folder layout.
+
+    Each image holds one shape (``root/{train,val}/<class>/NNNNN.png``), for
+    the embedded pretraining demo (pretrain → fine-tune in miniature).
+    """
+    import cv2
+    marker = osp.join(root, '.complete')
+    if osp.exists(marker):
+        return root
+    parent = osp.dirname(osp.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.shapes-cls-', dir=parent)
+    try:
+        for split, count, split_seed in (('train', num_train, seed), ('val', num_val, seed + 1)):
+            rng = np.random.default_rng(split_seed)
+            for name in CLASSES:
+                os.makedirs(osp.join(tmp, split, name))
+            for i in range(count):
+                label = i % len(CLASSES)
+                img = rng.normal(110, 25, (size, size, 3)).clip(0, 255).astype(np.uint8)
+                r = rng.uniform(0.2, 0.4) * size
+                cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+                poly = _polygon(CLASSES[label], cx, cy, r, rng.uniform(0, math.pi))
+                colour = np.array(PALETTE[label]) + rng.integers(-60, 60, 3)
+                cv2.fillPoly(img, [np.round(poly).astype(np.int32)],
+                             colour.clip(0, 255).tolist())
+                cv2.imwrite(osp.join(tmp, split, CLASSES[label], f'{i:05d}.png'), img)
+        with open(osp.join(tmp, '.complete'), 'w') as f:
+            f.write(json.dumps(dict(num_train=num_train, num_val=num_val, size=size, seed=seed)))
+        if osp.exists(root):
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if osp.exists(tmp):
+            shutil.rmtree(tmp)
+    return root
