@@ -237,3 +237,11 @@ def test_head_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         KWLinearClsHead(**args)
+
+
+def test_no_frozen_stages_leaves_everything_trainable():
+    with torch.device('meta'):
+        model = KWMobileNetV2(widen_factor=0.5, kw_cfg=dict(budget=1), frozen_stages=-1)
+    model.train()
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())

@@ -342,7 +342,7 @@ class KWMobileNetV2(BaseModule):
         modules: List[nn.Module] = []
         if self.frozen_stages >= 0:
             modules.append(self.features[0])
-        for start, end in self.stage_ranges[:self.frozen_stages]:
+        for start, end in self.stage_ranges[:max(self.frozen_stages, 0)]:
             modules.extend(self.features[i] for i in range(start, end))
         freeze_modules(modules)
 
