@@ -54,6 +54,12 @@ def apply_common_args(args, for_training: bool) -> Config:
                 wrapper.loss_scale = 'dynamic'
             else:
                 wrapper.dtype = 'bfloat16'
+    if for_training:
+        # checkpoints are written atomically (kw_mm/utils/atomic_backend.py)
+        checkpoint_hook = cfg.setdefault('default_hooks', {}).setdefault(
+            'checkpoint', dict(type='CheckpointHook', interval=1))
+        if checkpoint_hook.get('backend_args') is None and not checkpoint_hook.get('out_dir'):
+            checkpoint_hook['backend_args'] = dict(backend='kw_atomic_local')
     if for_training and args.resume:
         cfg.resume = True
         cfg.load_from = None if args.resume == 'auto' else args.resume

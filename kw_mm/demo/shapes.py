@@ -105,7 +105,7 @@ def make_shapes_dataset(root: str, num_train: int = 180, num_val: int = 48, size
     return root
 
 
-def make_shapes_classification(root: str, num_train: int = 600, num_val: int = 150,
+def make_shapes_classification(root: str, num_train: int = 300, num_val: int = 90,
                                size: int = 64, seed: int = 0) -> str:
     """A classification set in mmpretrain's ``CustomDataset`` folder layout.
 

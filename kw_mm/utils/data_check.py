@@ -23,6 +23,12 @@ def _datasets(cfg, loaders=('train_dataloader', 'val_dataloader', 'test_dataload
                 stack.append((f'{where}[{i}]', sub))
 
 
+def _prefixes(ds) -> List[str]:
+    """``data_prefix`` values: mmdet uses a dict (``img=...``), mmpretrain may use a str."""
+    prefix = ds.get('data_prefix') or {}
+    return list(prefix.values()) if isinstance(prefix, dict) else [prefix]
+
+
 def _join(root, path):
     if not path:
         return None
@@ -41,8 +47,7 @@ def check_dataset_paths(cfg, loaders=('train_dataloader', 'val_dataloader', 'tes
     for where, ds in _datasets(cfg, loaders):
         root = ds.get('data_root') or ''
         if root and '://' not in root and not osp.isdir(root):
-            inside = [p for p in (ds.get('ann_file'), *(ds.get('data_prefix') or {}).values())
-                      if isinstance(p, str) and p]
+            inside = [p for p in (ds.get('ann_file'), *_prefixes(ds)) if isinstance(p, str) and p]
             hint = f" (expected inside: {', '.join(inside)})" if inside else ''
             missing.append(f'{where}.dataset.data_root: {root}{hint}')
             continue
@@ -50,10 +55,12 @@ def check_dataset_paths(cfg, loaders=('train_dataloader', 'val_dataloader', 'tes
         if ann and '://' not in ann and not osp.exists(ann):
             missing.append(f'{where}.dataset.ann_file: {ann}')
         prefix = ds.get('data_prefix') or {}
-        for key, value in (prefix.items() if isinstance(prefix, dict) else []):
-            path = _join(root, value)
+        items = prefix.items() if isinstance(prefix, dict) else [(None, prefix)]
+        for key, value in items:
+            path = _join(root, value) if isinstance(value, str) else None
             if path and '://' not in path and not osp.isdir(path):
-                missing.append(f'{where}.dataset.data_prefix.{key}: {path}')
+                name = 'data_prefix' + (f'.{key}' if key else '')
+                missing.append(f'{where}.dataset.{name}: {path}')
     if missing:
         lines = '\n  '.join(dict.fromkeys(missing))
         raise FileNotFoundError(

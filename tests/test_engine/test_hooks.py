@@ -128,3 +128,61 @@ def test_set_temperature_through_real_ddp(tmp_path):
         assert get_temperature(model) == pytest.approx(0.7)
     finally:
         dist.destroy_process_group()
+
+
+class RecordTrain(Hook):
+    priority = 'LOWEST'
+
+    def __init__(self):
+        self.rows = {}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        lr = runner.optim_wrapper.get_lr()['lr'][0]
+        self.rows[runner.iter] = (get_temperature(runner.model), lr, float(outputs['loss']))
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfterEpoch(Hook):
+    priority = 'LOWEST'  # after the checkpoint hook has saved
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def after_train_epoch(self, runner):
+        if runner.epoch + 1 == self.epoch:  # the loop counts the epoch after this hook
+            raise Crash(f'simulated crash after epoch {self.epoch}')
+
+
+def run_schedule(work_dir, max_epochs, record, resume=False, crash_after=None):
+    torch.manual_seed(0)  # same initial weights for every run (resume overwrites them anyway)
+    hooks = [dict(type='KWTemperatureHook', epochs=2), record]
+    if crash_after is not None:
+        hooks.append(CrashAfterEpoch(crash_after))
+    runner = Runner(
+        model=ToyModel(), work_dir=str(work_dir),
+        train_dataloader=dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=True),
+                              batch_size=2, num_workers=0, collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        param_scheduler=[dict(type='MultiStepLR', milestones=[2], gamma=0.1, by_epoch=True)],
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+        custom_hooks=hooks,
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        resume=resume, randomness=dict(seed=0, deterministic=True), default_scope='mmengine')
+    runner.train()
+
+
+def test_interrupted_and_resumed_run_continues_exactly(tmp_path):
+    straight = RecordTrain()
+    run_schedule(tmp_path / 'straight', 3, straight)
+    first, second = RecordTrain(), RecordTrain()
+    with pytest.raises(Crash):
+        run_schedule(tmp_path / 'interrupted', 3, first, crash_after=1)
+    run_schedule(tmp_path / 'interrupted', 3, second, resume=True)
+    assert sorted(first.rows) == list(range(4)) and sorted(second.rows) == list(range(4, 12))
+    resumed = {**first.rows, **second.rows}
+    assert resumed.keys() == straight.rows.keys()
+    for it in straight.rows:  # tau, learning rate and loss, iteration by iteration
+        assert resumed[it] == pytest.approx(straight.rows[it], rel=1e-6, abs=1e-7), it

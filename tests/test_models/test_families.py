@@ -88,3 +88,46 @@ def test_mask_rcnn_loss_and_predict(family):
     with torch.no_grad():
         results = model(**model.data_preprocessor(packed, False), mode='predict')
     assert len(results) == 2 and results[0].pred_instances.bboxes.shape[-1] == 4
+
+
+def small_backbone(family):
+    from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2, KWResNet
+    if family == 'resnet':
+        return KWResNet(18, kw_cfg=dict(budget=1))
+    if family == 'mobilenet_v2':
+        return KWMobileNetV2(widen_factor=0.5, kw_cfg=dict(budget=1))
+    return KWConvNeXt(arch=dict(depths=[1, 1, 2, 1], channels=[32, 64, 128, 256]),
+                      kw_cfg=dict(budget=1))
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_batch_of_one_trains(family):
+    torch.manual_seed(0)
+    model = small_backbone(family).train()
+    set_temperature(model, 0.5)
+    before = [w.cells.detach().clone() for w in model.warehouses]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(torch.randn(1, 3, 64, 64))
+    sum(o.float().square().mean() for o in out).backward()
+    opt.step()
+    assert any(not torch.equal(b, w.cells) for b, w in zip(before, model.warehouses))
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_bf16_autocast_step_is_finite(family):
+    torch.manual_seed(0)
+    model = small_backbone(family).train()
+    set_temperature(model, 0.5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64))
+    loss = sum(o.float().square().mean() for o in out)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_sync_bn_conversion_covers_attention_norms():
+    from mmengine.model import convert_sync_batchnorm
+    model = convert_sync_batchnorm(small_backbone('resnet'), implementation='torch')
+    norms = [m for n, m in model.named_modules() if n.endswith('attention.norm1')]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)

@@ -49,3 +49,28 @@ def test_unknown_layout_is_refused_naming_tensors(reference_dir, tmp_path):
     assert result.returncode == 1
     assert 'backbone.warehouses.0.cells' in result.stderr and '[55, 32, 32, 1, 1]' in result.stderr
     assert not dst.exists()
+
+
+def test_converted_checkpoint_loads_into_mmdet_backbone(reference_dir, tmp_path):
+    """A converted classifier checkpoint initialises a Mask R-CNN backbone through
+    init_cfg=dict(type='Pretrained', prefix='backbone.')."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    src = osp.join(reference_dir, 'golden', 'kw1d4x_resnet18.pth')
+    dst = tmp_path / 'kw1d4x_resnet18_mm.pth'
+    assert run_tool(src, str(dst)).returncode == 0
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', 'mask_rcnn_kw_r50.py'))
+    cfg.model.backbone.update(depth=18, kw_cfg=dict(budget=0.25),
+                              init_cfg=dict(type='Pretrained', checkpoint=str(dst),
+                                            prefix='backbone.'))
+    cfg.model.neck.in_channels = [64, 128, 256, 512]
+    init_default_scope('mmdet')
+    from mmdet.registry import MODELS
+    detector = MODELS.build(cfg.model)
+    detector.init_weights()
+    golden = torch.load(src, weights_only=True)['model']
+    for i in range(4):
+        torch.testing.assert_close(detector.backbone.warehouses[i].cells,
+                                   golden[f'warehouse_manager.weights.{i}'])
+    torch.testing.assert_close(detector.backbone.layer3[1].conv2.attention.fc2.weight,
+                               golden['layer3.1.conv2.attention.fc2.weight'])

@@ -66,3 +66,21 @@ def test_safe_loading_refuses_other_getattr(tmp_path):
     torch.save({'x': Sneaky()}, path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
+
+
+def test_atomic_backend_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+    import os
+
+    from kw_mm.utils import AtomicLocalBackend
+    backend = AtomicLocalBackend()
+    target = tmp_path / 'epoch_1.pth'
+    backend.put(b'complete', target)
+    assert target.read_bytes() == b'complete'
+
+    def crash(fd):
+        raise OSError('disk full')
+    monkeypatch.setattr(os, 'fsync', crash)
+    with pytest.raises(OSError, match='disk full'):
+        backend.put(b'half-written replacement', target)
+    assert target.read_bytes() == b'complete'  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ['epoch_1.pth']  # no temp left behind

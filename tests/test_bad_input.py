@@ -1,0 +1,64 @@
+"""Bad input: each case raises before any work starts, with a message that names
+the parameter, the value and what is allowed.
+
+| case | input | expected message |
+|---|---|---|
+| budget not positive | KWConv2d(..., budget=0) | budget must be a positive finite number ..., got 0 |
+| budget not a number | KWConv2d(..., budget='one') | budget must be a positive number ..., got 'one' |
+| budget gives zero cells | 1×1 16→16 layer at b = 1/2, full-gcd cells | budget=0.5 gives zero cells ... at least 1/1 |
+| channels do not partition | cell_in_ratio=0.25 over 6 input channels | cell_in_ratio=0.25 does not give a whole number of channels |
+| groups do not divide | KWConv2d(6, 8, 3, groups=4) | ... must both be divisible by groups=4 |
+| unknown kw_cfg key (typo) | kw_cfg=dict(budgte=1) | kw_cfg has unknown key(s) ['budgte']; allowed keys are [...] |
+| out_indices out of range | KWResNet(18, out_indices=(4,)) | out_indices entries must be ints in [-4, 3] ..., got 4 |
+| frozen_stages out of range | KWResNet(18, frozen_stages=5) | frozen_stages must be an int in [-1, 4] ..., got 5 |
+| unknown depth | KWResNet(19) | invalid depth 19 for KWResNet; choose from [18, 34, 50, 101, 152] |
+| unknown arch | KWConvNeXt(arch='giant') | arch must be one of [...], got 'giant' |
+| unknown layout | KWMobileNetV2(kw_layout='bad') | kw_layout must be None or one of (...), got 'bad' |
+| τ out of range | set_temperature(model, 1.5) | temperature must be in [0, 1], got 1.5 |
+| τ schedule length | KWTemperatureHook(epochs=0) | epochs must be a positive number ..., got epochs=0 |
+| converter: another layout | tests/test_tools/test_convert.py | matches none of the known released models ... tensors did not match |
+| init_cfg: another variant | tests/test_models/test_kw_resnet.py | does not fit this KWResNet; found vs expected: ... |
+| dataset path missing | tests/test_tools/test_train_test_tools.py | dataset path(s) not found: ... data/coco/ |
+"""
+import pytest
+
+from kw_mm import KWConv2d, set_temperature
+from kw_mm.engine import KWTemperatureHook
+from kw_mm.layers.partition import KernelShape, plan_warehouse
+from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2, KWResNet
+
+CASES = [
+    ('budget not positive', lambda: KWConv2d(8, 8, 3, budget=0),
+     r'budget must be a positive finite number .*got 0'),
+    ('budget not a number', lambda: KWConv2d(8, 8, 3, budget='one'),
+     r"budget must be a positive number .*got 'one'"),
+    ('budget gives zero cells',
+     lambda: plan_warehouse([KernelShape('a', 16, 16, (1, 1))], 0.5, 1, 1),
+     r'budget=0\.5 gives zero cells .*at least 1/1'),
+    ('channels do not partition',
+     lambda: plan_warehouse([KernelShape('a', 8, 6, (3, 3))], 1, cell_in_ratio=0.25),
+     r'cell_in_ratio=0\.25 does not give a whole number of channels'),
+    ('groups do not divide', lambda: KWConv2d(6, 8, 3, groups=4),
+     r'in_channels=6 and out_channels=8 must both be divisible by groups=4'),
+    ('unknown kw_cfg key', lambda: KWResNet(18, kw_cfg=dict(budgte=1)),
+     r"kw_cfg has unknown key\(s\) \['budgte'\]; allowed keys are \[.*'budget'"),
+    ('out_indices out of range', lambda: KWResNet(18, out_indices=(4, )),
+     r'out_indices entries must be ints in \[-4, 3\].*got 4'),
+    ('frozen_stages out of range', lambda: KWResNet(18, frozen_stages=5),
+     r'frozen_stages must be an int in \[-1, 4\].*got 5'),
+    ('unknown depth', lambda: KWResNet(19),
+     r'invalid depth 19 for KWResNet; choose from \[18, 34, 50, 101, 152\]'),
+    ('unknown arch', lambda: KWConvNeXt(arch='giant'), r"arch must be one of .*got 'giant'"),
+    ('unknown layout', lambda: KWMobileNetV2(kw_layout='bad'),
+     r"kw_layout must be None or one of .*got 'bad'"),
+    ('temperature out of range', lambda: set_temperature(KWConv2d(8, 8, 1), 1.5),
+     r'temperature must be in \[0, 1\], got 1\.5'),
+    ('schedule length', lambda: KWTemperatureHook(epochs=0),
+     r'epochs must be a positive number .*got epochs=0'),
+]
+
+
+@pytest.mark.parametrize('case,make,message', CASES, ids=[c[0] for c in CASES])
+def test_bad_input_message(case, make, message):
+    with pytest.raises((ValueError, TypeError, KeyError), match=message):
+        make()
