@@ -140,3 +140,13 @@ def test_bf16_autocast_training_step_is_finite():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize('depth', [34, 101, 152])
+def test_other_depths_build_with_kw_everywhere_but_the_stem(depth):
+    with torch.device('meta'):
+        model = KWResNet(depth, kw_cfg=dict(budget=1), out_indices=(0, 1, 2, 3))
+    assert len(model.warehouses) == 4
+    plain = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    expected = ['conv1'] + (['layer1.0.conv1', 'layer1.0.downsample.0'] if depth > 34 else [])
+    assert plain == expected

@@ -74,3 +74,17 @@ def test_converted_checkpoint_loads_into_mmdet_backbone(reference_dir, tmp_path)
                                    golden[f'warehouse_manager.weights.{i}'])
     torch.testing.assert_close(detector.backbone.layer3[1].conv2.attention.fc2.weight,
                                golden['layer3.1.conv2.attention.fc2.weight'])
+
+
+def test_converted_checkpoint_reloads_bit_identically(reference_dir, tmp_path):
+    src = osp.join(reference_dir, 'golden', 'kw1d4x_resnet18.pth')
+    first, second = tmp_path / 'a.pth', tmp_path / 'b.pth'
+    assert run_tool(src, str(first)).returncode == 0
+    assert run_tool(src, str(second)).returncode == 0
+    a = torch.load(first, weights_only=True)['state_dict']
+    b = torch.load(second, weights_only=True)['state_dict']
+    golden = torch.load(src, weights_only=True)['model']
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a['backbone.warehouses.2.cells'], golden['warehouse_manager.weights.2'])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.pth', 'b.pth']  # no temp files left
