@@ -73,8 +73,27 @@ def build_runner(cfg: Config, check_loaders=('train_dataloader', 'val_dataloader
     check_dataset_paths(cfg, check_loaders)
     import kw_mm  # noqa: F401  (registers modules, allows safe checkpoint loading)
     tune_cpu_allocator()
+    if cfg.get('launcher') == 'pytorch' and not torch.cuda.is_available():
+        _init_cpu_distributed(cfg)
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def _init_cpu_distributed(cfg: Config) -> None:
+    """Distributed training on CPU processes (gloo).
+
+    mmengine 0.10.7's ``pytorch`` launcher always calls
+    ``torch.cuda.set_device``, which fails without a GPU; initialising the
+    process group first (mmengine then skips its own) and building DDP
+    without device ids lets ``tools/dist_train.sh CONFIG N`` run on CPU.
+    """
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend', 'gloo')
+        dist.init_process_group(backend='gloo' if backend == 'nccl' else backend)
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    wrapper.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper
