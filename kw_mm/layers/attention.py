@@ -27,6 +27,9 @@ CAF_EPS = 1e-3
 
 ATTENTION_NORMS = ('BN', 'LN')
 
+#: attention functions of the paper's Table 8 ('caf' is the paper's CAF)
+ATTENTION_FUNCTIONS = ('caf', 'softmax', 'sigmoid', 'relu_norm')
+
 
 class _BatchNorm1dAnyBatch(nn.BatchNorm1d):
     """BatchNorm1d that also trains on a single sample.
@@ -62,15 +65,31 @@ class KWAttention(nn.Module):
         nonlocal_basis_ratio (float): When > 0, logits of the cells outside
             the layer's own range come from a low-rank basis (released
             ResNet50 1/2x). Defaults to 0 (off).
+        temperature (float): Initial τ. Defaults to 1.
+        attention_fn (str): How each mixture's row of ``n + 1`` logits
+            becomes attentions (paper Table 8): ``'caf'`` z / Σ|z|,
+            ``'softmax'``, ``'sigmoid'``, ``'relu_norm'`` max(z, 0) / Σ|z|.
+            Every function is mixed with τ·β the same way. Defaults to 'caf'.
+        init (str): β (paper Table 13): ``'one_to_one'`` (the plan's
+            assignment), ``'all_to_one'`` (every cell), ``'n_to_one'`` (the
+            int(b) cells from the plan's one), ``'one_to_n'`` (the plan
+            assigns shared cells), or ``'none'`` (no τ·β term at all:
+            α = f(z) whatever τ). Defaults to the plan's strategy.
     """
 
     def __init__(self, in_channels: int, layer_plan: LayerPlan, num_cells: int,
                  budget: float = 1.0, reduction: float = 1 / 16, min_hidden: int = 16,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, attention_fn: str = 'caf',
+                 init: Optional[str] = None) -> None:
         super().__init__()
         if norm not in ATTENTION_NORMS:
             raise ValueError(f'norm must be one of {ATTENTION_NORMS}, got {norm!r}')
+        if attention_fn not in ATTENTION_FUNCTIONS:
+            raise ValueError(f'attention_fn must be one of {ATTENTION_FUNCTIONS}, '
+                             f'got {attention_fn!r}')
+        self.attention_fn = attention_fn
+        self.init = init or 'one_to_one'
         self.num_mixtures = layer_plan.num_mixtures
         self.num_cells = num_cells
         hidden = max(int(in_channels * reduction), min_hidden)
@@ -92,7 +111,15 @@ class KWAttention(nn.Module):
             self.fc2 = nn.Linear(hidden, self.num_mixtures * row)
         beta = torch.zeros(self.num_mixtures, row)
         for i, cell in enumerate(layer_plan.beta):
-            beta[i, cell if cell != ZERO_CELL else num_cells] = 1.0
+            if cell == ZERO_CELL:
+                beta[i, num_cells] = 1.0
+            elif self.init == 'n_to_one':  # the int(b) cells starting at the plan's one
+                beta[i, cell:min(cell + int(budget), num_cells)] = 1.0
+            else:
+                beta[i, cell] = 1.0
+        if self.init == 'all_to_one':
+            beta.zero_()
+            beta[:, :num_cells] = 1.0
         self.register_buffer('beta', beta, persistent=False)
         self.register_buffer('temperature', torch.tensor(float(temperature)))
         self.reset_parameters()
@@ -122,16 +149,40 @@ class KWAttention(nn.Module):
         z = torch.cat([nonlocal_[..., :s], local, nonlocal_[..., s:], zero], dim=-1)
         return z + self.basis_bias.view(self.num_mixtures, -1)
 
+    def attentions(self, x: torch.Tensor) -> torch.Tensor:
+        """All ``n + 1`` attentions per mixture, ``[B, m, n + 1]`` (zero cell last)."""
+        logits = self.logits(x)
+        if self.attention_fn == 'caf' and self.init != 'none':
+            return caf(logits, self.beta, self.temperature)
+        normalised = ATTENTION_FUNCTION_IMPLS[self.attention_fn](logits)
+        if self.init == 'none':
+            return normalised
+        tau = self.temperature.to(normalised.dtype)
+        return (1 - tau) * normalised + tau * self.beta.to(normalised.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attentions ``α`` of shape ``[B, m, n]`` (the zero cell dropped)."""
-        return caf(self.logits(x), self.beta, self.temperature)[..., :-1]
+        return self.attentions(x)[..., :-1]
+
+
+def caf_normalise(logits: torch.Tensor) -> torch.Tensor:
+    """CAF's normalisation z / (Σ|z| + 1e-3) over the last dim."""
+    return logits / (logits.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
 
 
 def caf(logits: torch.Tensor, beta: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Contrasting-driven attention function, paper Eq. 4, over the last dim."""
-    normalised = logits / (logits.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
+    normalised = caf_normalise(logits)
     tau = temperature.to(normalised.dtype)
     return (1 - tau) * normalised + tau * beta.to(normalised.dtype)
+
+
+ATTENTION_FUNCTION_IMPLS = {
+    'caf': caf_normalise,
+    'softmax': lambda z: torch.softmax(z, dim=-1),
+    'sigmoid': torch.sigmoid,
+    'relu_norm': lambda z: z.clamp(min=0) / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS),
+}
 
 
 def set_temperature(model: nn.Module, value: float) -> int:

@@ -27,6 +27,8 @@ KW_CFG_DEFAULTS: Dict[str, Any] = dict(
     norm='BN',
     nonlocal_basis_ratio=0.0,
     temperature=1.0,
+    attention_fn='caf',
+    init='one_to_one',
 )
 
 #: options that may differ per warehouse (``kw_cfg['warehouses'][key]``).
@@ -60,6 +62,13 @@ def parse_kw_cfg(kw_cfg: Optional[Mapping[str, Any]], extra_keys: Iterable[str] 
     ratio = cfg['nonlocal_basis_ratio']
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f'kw_cfg.nonlocal_basis_ratio must be in [0, 1), got {ratio!r}')
+    from .attention import ATTENTION_FUNCTIONS
+    if cfg['attention_fn'] not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"kw_cfg.attention_fn must be one of {ATTENTION_FUNCTIONS}, "
+                         f"got {cfg['attention_fn']!r}")
+    from .partition import INIT_STRATEGIES
+    if cfg['init'] not in INIT_STRATEGIES:
+        raise ValueError(f"kw_cfg.init must be one of {INIT_STRATEGIES}, got {cfg['init']!r}")
     temperature = cfg['temperature']
     if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 1:
         raise ValueError(f'kw_cfg.temperature must be in [0, 1], got {temperature!r}')
@@ -119,14 +128,16 @@ class WarehouseBuilder:
             options = {k: self.kw_cfg[k] for k in PER_WAREHOUSE_KEYS}
             options.update(per_warehouse.get(key, {}))
             self.plans[key] = plan_warehouse([s.kernel for s in groups[key]], options['budget'],
-                                             options['cell_in_ratio'], options['cell_out_ratio'])
+                                             options['cell_in_ratio'], options['cell_out_ratio'],
+                                             self.kw_cfg.get('init', 'one_to_one'))
         self.warehouses = nn.ModuleList(KernelWarehouse(self.plans[key]) for key in order)
         self._by_key = dict(zip(order, self.warehouses))
         self._built: set = set()
 
     def _kw_options(self) -> Dict[str, Any]:
         return {k: self.kw_cfg[k] for k in ('reduction', 'min_hidden', 'norm',
-                                            'nonlocal_basis_ratio', 'temperature')}
+                                            'nonlocal_basis_ratio', 'temperature',
+                                            'attention_fn')}
 
     def _spec(self, name: str) -> Optional[LayerSpec]:
         spec = self.specs.get(name)

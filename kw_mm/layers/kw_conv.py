@@ -53,9 +53,10 @@ class _KWLayer(nn.Module):
                   warehouse: Optional[KernelWarehouse], budget: float,
                   reduction: float, min_hidden: int, cell_in_ratio: Optional[float],
                   cell_out_ratio: Optional[float], norm: str,
-                  nonlocal_basis_ratio: float, temperature: float) -> None:
+                  nonlocal_basis_ratio: float, temperature: float, attention_fn: str = 'caf',
+                  init: str = 'one_to_one') -> None:
         if warehouse is None:
-            plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio)
+            plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio, init)
             self.warehouse = KernelWarehouse(plan)
         else:
             if not isinstance(warehouse, KernelWarehouse):
@@ -70,7 +71,8 @@ class _KWLayer(nn.Module):
         self.attention = KWAttention(
             in_channels, layer_plan, self.kw_warehouse.num_cells, budget=self.kw_warehouse.plan.budget,
             reduction=reduction, min_hidden=min_hidden, norm=norm,
-            nonlocal_basis_ratio=nonlocal_basis_ratio, temperature=temperature)
+            nonlocal_basis_ratio=nonlocal_basis_ratio, temperature=temperature,
+            attention_fn=attention_fn, init=self.kw_warehouse.plan.init)
 
     @property
     def kw_warehouse(self) -> KernelWarehouse:
@@ -115,6 +117,7 @@ class _KWConvNd(_KWLayer):
                  reduction: float = 1 / 16, min_hidden: int = 16,
                  cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
+                 attention_fn: str = 'caf', init: str = 'one_to_one',
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -141,7 +144,8 @@ class _KWConvNd(_KWLayer):
         kernel = KernelShape(name or type(self).__name__, out_channels, in_channels // groups,
                              self.kernel_size)
         self._setup_kw(kernel, in_channels, warehouse, budget, reduction, min_hidden,
-                       cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature)
+                       cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
+                       attention_fn, init)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -250,6 +254,11 @@ class KWConv2d(_KWConvNd):
         nonlocal_basis_ratio (float): Low-rank attention over other layers'
             cells (released ResNet50 1/2x). Defaults to 0.
         temperature (float): Initial τ. Defaults to 1 (start of training).
+        attention_fn (str): 'caf' (default), 'softmax', 'sigmoid' or
+            'relu_norm' (paper Table 8 ablation).
+        init (str): β strategy of a private warehouse: 'one_to_one'
+            (default), 'all_to_one', 'none', 'n_to_one' (b ≥ 2) or
+            'one_to_n' (b < 1) (paper Table 13 ablation).
         warehouse (KernelWarehouse, optional): A shared warehouse whose plan
             includes a layer called ``name``; when None the layer owns one.
         name (str, optional): The layer's name in the warehouse plan.
@@ -284,6 +293,7 @@ class KWLinear(_KWLayer):
                  budget: float = 1.0, reduction: float = 1 / 16, min_hidden: int = 16,
                  cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
+                 attention_fn: str = 'caf', init: str = 'one_to_one',
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -294,7 +304,8 @@ class KWLinear(_KWLayer):
         self.out_features = out_features
         kernel = KernelShape(name or 'KWLinear', out_features, in_features, (1,))
         self._setup_kw(kernel, in_features, warehouse, budget, reduction, min_hidden,
-                       cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature)
+                       cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
+                       attention_fn, init)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)

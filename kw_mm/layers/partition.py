@@ -81,6 +81,7 @@ class WarehousePlan:
     budget: float
     num_cells: int
     layers: Tuple[LayerPlan, ...] = field(repr=False)
+    init: str = 'one_to_one'
 
     @property
     def total_mixtures(self) -> int:
@@ -142,8 +143,12 @@ def _cell_size(gcd: int, ratio: float, what: str, kernels: Sequence[KernelShape]
     return size
 
 
-def assign_beta(mixture_counts: Sequence[int], num_cells: int,
-                budget: float) -> Tuple[Tuple[Tuple[int, ...], int], ...]:
+#: attention initialisation strategies (paper Table 13 and appendix A.2)
+INIT_STRATEGIES = ('one_to_one', 'all_to_one', 'none', 'n_to_one', 'one_to_n')
+
+
+def assign_beta(mixture_counts: Sequence[int], num_cells: int, budget: float,
+                strategy: str = 'one_to_one') -> Tuple[Tuple[Tuple[int, ...], int], ...]:
     """One-to-one β assignment of appendix A.2 for layers sharing a warehouse.
 
     Layers are walked in order with a running "next cell" counter starting
@@ -154,12 +159,27 @@ def assign_beta(mixture_counts: Sequence[int], num_cells: int,
     mixtures get the zero cell (paper §3.4: "the remaining linear mixtures
     always have β = 0 once n kernel cells are used up").
 
+    With ``strategy='one_to_n'`` (the b < 1 alternative of Figure 6(b)),
+    each run of r consecutive mixtures shares the next cell instead. The
+    other strategies use the one-to-one walk here and act in the attention
+    (see :class:`kw_mm.layers.attention.KWAttention`).
+
     Returns:
         tuple: one ``(beta, first_cell)`` pair per layer.
     """
     counter = 0
     out = []
-    if budget >= 1:
+    if strategy == 'one_to_n':
+        r = int(1.0 / budget)
+        for m in mixture_counts:
+            first = counter
+            beta = []
+            for i in range(m):
+                cell = counter + i // r
+                beta.append(cell if cell < num_cells else ZERO_CELL)
+            counter += -(-m // r)
+            out.append((tuple(beta), first))
+    elif budget >= 1:
         step = int(budget)
         for m in mixture_counts:
             first = counter
@@ -183,9 +203,23 @@ def assign_beta(mixture_counts: Sequence[int], num_cells: int,
     return tuple(out)
 
 
+def check_init_strategy(strategy: str, budget: float) -> str:
+    """Validate an attention initialisation strategy for a budget."""
+    if strategy not in INIT_STRATEGIES:
+        raise ValueError(f'init must be one of {INIT_STRATEGIES}, got {strategy!r}')
+    if strategy == 'n_to_one' and budget < 2:
+        raise ValueError(f"init='n_to_one' needs a budget of at least 2 (several cells per "
+                         f'mixture), got budget={budget!r}')
+    if strategy == 'one_to_n' and budget >= 1:
+        raise ValueError(f"init='one_to_n' needs a budget below 1 (fewer cells than "
+                         f'mixtures), got budget={budget!r}')
+    return strategy
+
+
 def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
                    cell_in_ratio: Optional[float] = None,
-                   cell_out_ratio: Optional[float] = None) -> WarehousePlan:
+                   cell_out_ratio: Optional[float] = None,
+                   init: str = 'one_to_one') -> WarehousePlan:
     """Plan the kernel partition and the warehouse for layers that share it.
 
     Args:
@@ -197,11 +231,14 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
             the gcd of the layers' per-group input channels. Defaults to 1 for
             b ≥ 1 and 1/2 for b < 1 (paper appendix A.3).
         cell_out_ratio (float, optional): Same for output channels.
+        init (str): Attention initialisation strategy, one of
+            :data:`INIT_STRATEGIES`. Defaults to the paper's one-to-one.
 
     Returns:
         WarehousePlan: cell shape, n, and every layer's partition and β.
     """
     budget = check_budget(budget)
+    check_init_strategy(init, budget)
     if not kernels:
         raise ValueError('a warehouse needs at least one layer')
     ndims = {k.ndim for k in kernels}
@@ -229,10 +266,10 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
             f'budget={budget!r} gives zero cells for the warehouse of {names}: n = int(b · m_t) '
             f'with m_t = {total} mixtures; the budget must be at least 1/{total} '
             f'(= {1 / total:.4g}) for these layers')
-    betas = assign_beta(counts, num_cells, budget)
+    betas = assign_beta(counts, num_cells, budget, init)
     layers = tuple(
         LayerPlan(kernel=k, out_groups=k.out_channels // cell_out,
                   in_groups=k.in_channels // cell_in, beta=beta, first_cell=first)
         for k, (beta, first) in zip(kernels, betas))
     return WarehousePlan(cell_out=cell_out, cell_in=cell_in, ndim=ndims.pop(),
-                         budget=budget, num_cells=num_cells, layers=layers)
+                         budget=budget, num_cells=num_cells, layers=layers, init=init)
