@@ -221,7 +221,17 @@ def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
     """Convert a released checkpoint file; returns the model it was found to be."""
     if not osp.isfile(src):
         raise FileNotFoundError(f'checkpoint SRC not found: {src}')
-    checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    import argparse
+    import pickle
+    try:
+        # the authors' training checkpoints also hold their argparse options
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointMismatchError(
+            f'{src} holds objects that safe loading (weights_only=True) refuses: {first_line}. '
+            'Save just its state dict (torch.save(ckpt["model"], path)) and convert that.')
     converted = official_to_mmpretrain(extract_state_dict(checkpoint, prefer_ema))
     model = identify(converted)
     meta = dict(source=osp.basename(src), released_model=model.name, config=model.config,

@@ -94,6 +94,8 @@ def _init_cpu_distributed(cfg: Config) -> None:
     if not dist.is_initialized():
         backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend', 'gloo')
         dist.init_process_group(backend='gloo' if backend == 'nccl' else backend)
-    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    wrapper = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
     wrapper.setdefault('device_ids', None)
     cfg.model_wrapper_cfg = wrapper

@@ -29,6 +29,10 @@ def test_config_builds(path):
     with torch.device('meta'):
         model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+    if scope == 'mmpretrain':  # the whole classifier runs (shapes only, on the meta device)
+        model.eval()
+        logits = model(torch.empty(2, 3, 64, 64, device='meta'), mode='tensor')
+        assert logits.shape == (2, cfg.model.head.num_classes)
     kw = cfg.model.backbone.get('kw_cfg', 'absent')
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
     if kw:  # a KW model: its schedule drives tau

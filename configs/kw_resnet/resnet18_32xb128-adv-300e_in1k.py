@@ -8,4 +8,6 @@ custom_imports = dict(imports=['kw_mm'], allow_failed_imports=False)
 model = dict(
     backbone=dict(_delete_=True, type='KWResNet', depth=18, kw_cfg=None, out_indices=(3, ),
                   drop_path_rate=0.1),
+    # ConvNeXt pools inside its backbone; ResNet needs the usual pooling neck
+    neck=dict(type='GlobalAveragePooling'),
     head=dict(in_channels=512))

@@ -62,6 +62,9 @@ def parse_kw_cfg(kw_cfg: Optional[Mapping[str, Any]], extra_keys: Iterable[str] 
     ratio = cfg['nonlocal_basis_ratio']
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f'kw_cfg.nonlocal_basis_ratio must be in [0, 1), got {ratio!r}')
+    if ratio > 0 and cfg['budget'] >= 1:
+        raise ValueError(f'kw_cfg.nonlocal_basis_ratio={ratio!r} needs a budget below 1 (its '
+                         f"layers own int(b·m) local cells), got budget={cfg['budget']!r}")
     from .attention import ATTENTION_FUNCTIONS
     if cfg['attention_fn'] not in ATTENTION_FUNCTIONS:
         raise ValueError(f"kw_cfg.attention_fn must be one of {ATTENTION_FUNCTIONS}, "

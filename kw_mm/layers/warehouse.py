@@ -32,15 +32,15 @@ class KernelWarehouse(nn.Module):
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan-out) initialisation over each layer's own cells.
 
-        Each layer's cell range gets the standard deviation its static kernel
-        would get from ``kaiming_normal_(mode='fan_out')``, i.e.
-        ``sqrt(2 / (out_channels · k^d))``, as in the authors' code.
+        As in the authors' code, each layer's range of cells is initialised as
+        if it were a convolution weight of shape ``[cells · cell_out,
+        cell_in, 1, ...]``: ``std = sqrt(2 / (cells · cell_out))``.
         """
         with torch.no_grad():
-            for layer, (start, end) in zip(self.plan.layers, self.plan.cell_slices()):
+            for start, end in self.plan.cell_slices():
                 if end <= start:
                     continue
-                fan_out = layer.kernel.out_channels * layer.kernel.spatial_positions
+                fan_out = (end - start) * self.plan.cell_out
                 self.cells[start:end].normal_(0.0, math.sqrt(2.0 / fan_out))
 
     def extra_repr(self) -> str:

@@ -183,3 +183,11 @@ def test_fast_path_matches_reference(name, make, shape, bias, batch, mode):
     fast = layer(x)
     ref = layer.reference_forward(x)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cells_are_initialised_as_the_authors_do():
+    # one layer owning all n = 2·9 cells of 64x64: kaiming fan-out over [18·64, 64, 1, 1]
+    torch.manual_seed(0)
+    layer = KWConv2d(64, 64, 3, budget=2)
+    std = layer.kw_warehouse.cells.std().item()
+    assert abs(std - (2.0 / (18 * 64)) ** 0.5) < 0.05 * std

@@ -88,3 +88,15 @@ def test_converted_checkpoint_reloads_bit_identically(reference_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(a['backbone.warehouses.2.cells'], golden['warehouse_manager.weights.2'])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a.pth', 'b.pth']  # no temp files left
+
+
+def test_authors_training_checkpoint_with_args_converts(reference_dir, tmp_path):
+    import argparse
+    golden = torch.load(osp.join(reference_dir, 'golden', 'kw1d4x_resnet18.pth'),
+                        weights_only=True)
+    src = tmp_path / 'checkpoint-99.pth'
+    torch.save({'model': golden['model'], 'epoch': 99,
+                'args': argparse.Namespace(model='kw_resnet18', lr=0.1)}, src)
+    result = run_tool(str(src), str(tmp_path / 'out.pth'))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].endswith('kw1d4x-resnet18_8xb32_in1k.py')

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...layers.builder import PER_WAREHOUSE_KEYS, LayerSpec, WarehouseBuilder, parse_kw_cfg
 from ...layers.kw_conv import _KWLayer
-from .utils import check_out_indices, freeze_modules
+from .utils import check_pretrained, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWConvNeXt` can build (see its docstring).
 KW_LAYOUTS = ('released', 'paper')
@@ -336,6 +336,7 @@ class KWConvNeXt(BaseModule):
         return list(dict.fromkeys(spec.warehouse for spec in specs))
 
     def init_weights(self) -> None:
+        check_pretrained(self, self.init_cfg)
         super().init_weights()
         init_cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
         if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in init_cfgs):

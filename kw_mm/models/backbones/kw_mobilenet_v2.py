@@ -30,7 +30,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
-from .utils import check_frozen_stages, check_out_indices, check_pretrained, freeze_modules
+from .utils import (check_frozen_stages, check_out_indices, check_pretrained, freeze_modules,
+                    pretrained_cfg, reset_kw_attentions)
 
 #: the KW layouts :class:`KWMobileNetV2` can build (see its docstring).
 KW_LAYOUTS = ('pointwise_depthwise', 'expansion_depthwise_reduction', 'compact')
@@ -337,6 +338,8 @@ class KWMobileNetV2(BaseModule):
     def init_weights(self) -> None:
         check_pretrained(self, self.init_cfg)
         super().init_weights()
+        if pretrained_cfg(self.init_cfg) is None:
+            reset_kw_attentions(self)
 
     def _freeze_stages(self) -> None:
         modules: List[nn.Module] = []

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
-from .utils import check_frozen_stages, check_out_indices, check_pretrained, freeze_modules
+from .utils import (check_frozen_stages, check_out_indices, check_pretrained, freeze_modules,
+                    pretrained_cfg, reset_kw_attentions)
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -245,11 +246,9 @@ class KWResNet(BaseModule):
     def init_weights(self) -> None:
         check_pretrained(self, self.init_cfg)
         super().init_weights()
-        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+        if pretrained_cfg(self.init_cfg) is not None:
             return
-        if isinstance(self.init_cfg, list) and any(c.get('type') == 'Pretrained'
-                                                   for c in self.init_cfg):
-            return
+        reset_kw_attentions(self)
         if self.zero_init_residual:
             for name in self.res_layers:
                 for blk in getattr(self, name):

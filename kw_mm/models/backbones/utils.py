@@ -91,3 +91,15 @@ def check_pretrained(module: nn.Module, init_cfg) -> None:
         raise CheckpointMismatchError(
             f"init_cfg checkpoint {cfg['checkpoint']!r} (prefix {cfg.get('prefix')!r}) does not "
             f'fit this {type(module).__name__}; found vs expected:\n  {shown}{more}')
+
+
+def reset_kw_attentions(module: nn.Module) -> None:
+    """Give every KW layer in ``module`` its own attention initialisation back.
+
+    Classifier-level init configs such as mmpretrain's
+    ``TruncNormal(layer=['Conv2d', 'Linear'])`` also hit the attentions' FC
+    layers; backbones call this after ``super().init_weights()``.
+    """
+    for layer in module.modules():
+        if isinstance(layer, _KWLayer):
+            layer.attention.reset_parameters()
