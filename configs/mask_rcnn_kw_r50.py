@@ -11,8 +11,12 @@ _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['kw_mm'], allow_failed_imports=False)
 
 # An ImageNet-pretrained KW-ResNet50 checkpoint in mmpretrain layout (e.g.
-# written by tools/convert_official_kw.py); None trains the backbone from
-# scratch. tools/train.py --pretrained CKPT sets the same thing.
+# written by tools/convert_official_kw.py); tools/train.py --pretrained CKPT
+# sets the same thing. This is a fine-tuning config, as in the paper: stage 1
+# frozen, every BatchNorm in eval mode, beta off. With pretrained = None the
+# backbone keeps its random initialisation under those settings (fine for the
+# demo and smoke tests); for real from-scratch training also set
+# frozen_stages=-1, norm_eval=False and custom_hooks=[KWTemperatureHook].
 pretrained = None
 kw_cfg = dict(budget=1.0)
 
