@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import os.path as osp
 import statistics
 import subprocess

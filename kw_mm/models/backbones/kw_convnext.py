@@ -19,13 +19,11 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
-from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
 from ...layers.builder import PER_WAREHOUSE_KEYS, LayerSpec, WarehouseBuilder, parse_kw_cfg
-from ...layers.kw_conv import _KWLayer
-from .utils import check_pretrained, check_out_indices, freeze_modules
+from .utils import KWBaseBackbone, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWConvNeXt` can build (see its docstring).
 KW_LAYOUTS = ('released', 'paper')
@@ -132,7 +130,7 @@ def paper_3_4x_overrides(depths: Sequence[int]) -> Dict[str, Dict[str, float]]:
 
 
 @MODELS.register_module()
-class KWConvNeXt(BaseModule):
+class KWConvNeXt(KWBaseBackbone):
     """ConvNeXt backbone with KernelWarehouse convolutions.
 
     KW is applied to every convolution (paper appendix A.3): the 4×4 stem and
@@ -335,20 +333,6 @@ class KWConvNeXt(BaseModule):
         specs = convnext_kw_layout(depths, channels, layout=kw_layout)
         return list(dict.fromkeys(spec.warehouse for spec in specs))
 
-    def init_weights(self) -> None:
-        check_pretrained(self, self.init_cfg)
-        super().init_weights()
-        init_cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
-        if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in init_cfgs):
-            return
-        # mmengine's TruncNormal on 'Linear' (here or in ImageClassifier's
-        # init_cfg) would also hit the attentions' FCs; restore their own
-        # initialisation, as the authors build the attentions after the
-        # ConvNeXt initialisation.
-        for module in self.modules():
-            if isinstance(module, _KWLayer):
-                module.init_weights()
-
     def _freeze_stages(self) -> None:
         modules: List[nn.Module] = []
         for i in range(self.frozen_stages):
@@ -366,8 +350,3 @@ class KWConvNeXt(BaseModule):
                 else:
                     outs.append(norm(x))
         return tuple(outs)
-
-    def train(self, mode: bool = True) -> 'KWConvNeXt':
-        super().train(mode)
-        self._freeze_stages()
-        return self

@@ -24,14 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
-from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
-from .utils import (check_frozen_stages, check_out_indices, check_pretrained, freeze_modules,
-                    pretrained_cfg, reset_kw_attentions)
+from .utils import KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWMobileNetV2` can build (see its docstring).
 KW_LAYOUTS = ('pointwise_depthwise', 'expansion_depthwise_reduction', 'compact')
@@ -230,7 +227,7 @@ class InvertedResidual(nn.Module):
 
 
 @MODELS.register_module()
-class KWMobileNetV2(BaseModule):
+class KWMobileNetV2(KWBaseBackbone):
     """MobileNetV2 backbone with KernelWarehouse convolutions.
 
     The layouts are those of the authors' released models (paper appendix
@@ -335,12 +332,6 @@ class KWMobileNetV2(BaseModule):
         self.feat_dim = last
         self._freeze_stages()
 
-    def init_weights(self) -> None:
-        check_pretrained(self, self.init_cfg)
-        super().init_weights()
-        if pretrained_cfg(self.init_cfg) is None:
-            reset_kw_attentions(self)
-
     def _freeze_stages(self) -> None:
         modules: List[nn.Module] = []
         if self.frozen_stages >= 0:
@@ -358,12 +349,3 @@ class KWMobileNetV2(BaseModule):
             if stage in self.out_indices:
                 outs.append(x)
         return tuple(outs)
-
-    def train(self, mode: bool = True) -> 'KWMobileNetV2':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self

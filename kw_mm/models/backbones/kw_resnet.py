@@ -6,14 +6,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
-from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
-from .utils import (check_frozen_stages, check_out_indices, check_pretrained, freeze_modules,
-                    pretrained_cfg, reset_kw_attentions)
+from .utils import (KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules,
+                    pretrained_cfg)
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -121,7 +119,7 @@ def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 6
 
 
 @MODELS.register_module()
-class KWResNet(BaseModule):
+class KWResNet(KWBaseBackbone):
     """ResNet backbone with KernelWarehouse convolutions.
 
     The layout is that of the authors' released models (paper appendix A.3):
@@ -244,11 +242,9 @@ class KWResNet(BaseModule):
         self._freeze_stages()
 
     def init_weights(self) -> None:
-        check_pretrained(self, self.init_cfg)
         super().init_weights()
         if pretrained_cfg(self.init_cfg) is not None:
             return
-        reset_kw_attentions(self)
         if self.zero_init_residual:
             for name in self.res_layers:
                 for blk in getattr(self, name):
@@ -269,12 +265,3 @@ class KWResNet(BaseModule):
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)
-
-    def train(self, mode: bool = True) -> 'KWResNet':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence, Tuple
 
+from mmengine.model import BaseModule
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers.kw_conv import _KWLayer
 
@@ -103,3 +105,32 @@ def reset_kw_attentions(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, _KWLayer):
             layer.attention.reset_parameters()
+
+
+class KWBaseBackbone(BaseModule):
+    """What the KW backbones share: the pretrained-checkpoint check, the
+    attentions' own initialisation after mmengine's, and ``train()`` that
+    re-applies ``frozen_stages`` and ``norm_eval``.
+
+    Subclasses implement ``_freeze_stages`` and may set ``self.norm_eval``.
+    """
+
+    norm_eval: bool = False
+
+    def _freeze_stages(self) -> None:
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        check_pretrained(self, self.init_cfg)
+        super().init_weights()
+        if pretrained_cfg(self.init_cfg) is None:
+            reset_kw_attentions(self)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
