@@ -23,13 +23,13 @@ on the meta device from its config.
 """
 from __future__ import annotations
 
-import os
 import os.path as osp
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from .utils.atomic_backend import write_atomically
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -197,26 +197,6 @@ def identify(converted: Mapping[str, torch.Tensor],
         f'({closest.config}); these tensors did not match:\n  {shown}{more}')
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename.
-
-    A crash mid-write never leaves a truncated file under ``path``.
-    """
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
     """Convert a released checkpoint file; returns the model it was found to be."""
     if not osp.isfile(src):
@@ -236,5 +216,6 @@ def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
     model = identify(converted)
     meta = dict(source=osp.basename(src), released_model=model.name, config=model.config,
                 converter='kw_mm.convert')
-    atomic_save(dict(state_dict=converted, meta=meta), dst)
+    # atomic: a crash mid-write never leaves a truncated file under DST
+    write_atomically(dst, lambda f: torch.save(dict(state_dict=converted, meta=meta), f))
     return model

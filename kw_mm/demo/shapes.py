@@ -14,7 +14,7 @@ import os
 import os.path as osp
 import shutil
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -32,10 +32,14 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndar
     return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
 
 
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.normal(110, 25, (size, size, 3)).clip(0, 255).astype(np.uint8)
+
+
 def _image(rng: np.random.Generator, size: int, ann_id: int, image_id: int
            ) -> Tuple[np.ndarray, List[Dict]]:
     import cv2
-    img = rng.normal(110, 25, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    img = _background(rng, size)
     occupied = np.zeros((size, size), np.uint8)
     anns = []
     for _ in range(int(rng.integers(1, 5))):
@@ -84,18 +88,26 @@ def make_shapes_dataset(root: str, num_train: int = 180, num_val: int = 48, size
     Returns:
         str: ``root``.
     """
-    marker = osp.join(root, '.complete')
-    if osp.exists(marker):
-        return root
-    parent = osp.dirname(osp.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.shapes-', dir=parent)
-    try:
+    def fill(tmp: str) -> None:
         os.makedirs(osp.join(tmp, 'annotations'))
         _write_split(tmp, 'train', num_train, size, seed)
         _write_split(tmp, 'val', num_val, size, seed + 1)
+    return _create_once(root, fill, num_train=num_train, num_val=num_val, size=size, seed=seed)
+
+
+def _create_once(root: str, fill: Callable[[str], None], **params) -> str:
+    """Run ``fill`` on a temporary folder beside ``root`` and rename it into
+    place, unless ``root`` is already complete (its ``.complete`` marker
+    records ``params``)."""
+    if osp.exists(osp.join(root, '.complete')):
+        return root
+    parent = osp.dirname(osp.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.' + osp.basename(osp.abspath(root)) + '-', dir=parent)
+    try:
+        fill(tmp)
         with open(osp.join(tmp, '.complete'), 'w') as f:
-            f.write(json.dumps(dict(num_train=num_train, num_val=num_val, size=size, seed=seed)))
+            f.write(json.dumps(params))
         if osp.exists(root):
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -113,20 +125,15 @@ def make_shapes_classification(root: str, num_train: int = 300, num_val: int = 9
     the embedded pretraining demo (pretrain → fine-tune in miniature).
     """
     import cv2
-    marker = osp.join(root, '.complete')
-    if osp.exists(marker):
-        return root
-    parent = osp.dirname(osp.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.shapes-cls-', dir=parent)
-    try:
+
+    def fill(tmp: str) -> None:
         for split, count, split_seed in (('train', num_train, seed), ('val', num_val, seed + 1)):
             rng = np.random.default_rng(split_seed)
             for name in CLASSES:
                 os.makedirs(osp.join(tmp, split, name))
             for i in range(count):
                 label = i % len(CLASSES)
-                img = rng.normal(110, 25, (size, size, 3)).clip(0, 255).astype(np.uint8)
+                img = _background(rng, size)
                 r = rng.uniform(0.2, 0.4) * size
                 cx, cy = rng.uniform(r + 1, size - r - 1, 2)
                 poly = _polygon(CLASSES[label], cx, cy, r, rng.uniform(0, math.pi))
@@ -134,12 +141,4 @@ def make_shapes_classification(root: str, num_train: int = 300, num_val: int = 9
                 cv2.fillPoly(img, [np.round(poly).astype(np.int32)],
                              colour.clip(0, 255).tolist())
                 cv2.imwrite(osp.join(tmp, split, CLASSES[label], f'{i:05d}.png'), img)
-        with open(osp.join(tmp, '.complete'), 'w') as f:
-            f.write(json.dumps(dict(num_train=num_train, num_val=num_val, size=size, seed=seed)))
-        if osp.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if osp.exists(tmp):
-            shutil.rmtree(tmp)
-    return root
+    return _create_once(root, fill, num_train=num_train, num_val=num_val, size=size, seed=seed)

@@ -12,30 +12,38 @@ from __future__ import annotations
 import os
 import os.path as osp
 import tempfile
-from typing import Union
+from typing import BinaryIO, Callable, Union
 
 from mmengine.fileio import LocalBackend, register_backend
+
+
+def write_atomically(filepath: Union[str, os.PathLike], write: Callable[[BinaryIO], None]
+                     ) -> None:
+    """Call ``write(f)`` on a temporary file beside ``filepath``, fsync it,
+    then rename it into place; on any failure the temporary file is removed
+    and ``filepath`` is left as it was."""
+    filepath = str(filepath)
+    folder = osp.dirname(osp.abspath(filepath))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(filepath) + '.', suffix='.tmp',
+                               dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filepath)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class AtomicLocalBackend(LocalBackend):
     """:class:`mmengine.fileio.LocalBackend` with atomic ``put`` / ``put_text``."""
 
     def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
-        filepath = str(filepath)
-        folder = osp.dirname(osp.abspath(filepath))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(filepath) + '.', suffix='.tmp',
-                                   dir=folder)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(obj)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-        except BaseException:
-            if osp.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_atomically(filepath, lambda f: f.write(obj))
 
     def put_text(self, obj: str, filepath: Union[str, os.PathLike],
                  encoding: str = 'utf-8') -> None:
