@@ -1,6 +1,7 @@
 import os.path as osp
 
 import pytest
+import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SHARED = osp.join(osp.dirname(REPO), 'shared')
@@ -12,3 +13,42 @@ def reference_dir():
     if not osp.isdir(REFERENCE):
         pytest.skip(f'reference data not found at {REFERENCE}')
     return REFERENCE
+
+
+def read_released_tsv(path):
+    """A released model's ``.tsv``: (header with 'params', key → shape)."""
+    shapes, header = {}, {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip('\n')
+            if line.startswith('# params:'):
+                header['params'] = int(line.split(':')[1])
+            elif line and not line.startswith('#'):
+                key, shape = line.split('\t')
+                shapes[key] = () if shape == 'scalar' else tuple(int(s) for s in shape.split('x'))
+    return header, shapes
+
+
+@pytest.fixture(scope='session')
+def released_tsv(reference_dir):
+    """``released_tsv(name)`` reads ``released_state_dicts/<name>.tsv``."""
+    return lambda name: read_released_tsv(
+        osp.join(reference_dir, 'released_state_dicts', f'{name}.tsv'))
+
+
+def assert_first_output_unchanged_by_a_step(model, x):
+    """Train the second output for one SGD step; the first must not move
+    (what frozen_stages promises for the stages before it)."""
+    model.eval()
+    before = model(x)[0].detach().clone()
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x)[1].square().mean().backward()
+    opt.step()
+    model.eval()
+    torch.testing.assert_close(model(x)[0], before)
+
+
+@pytest.fixture
+def frozen_output_check():
+    return assert_first_output_unchanged_by_a_step

@@ -14,18 +14,6 @@ HEAD = 768 * 1000 + 1000  # 1000-class linear head of ConvNeXt-Tiny
 SMALL = dict(depths=[1, 1, 3, 1], channels=[16, 32, 64, 128])  # fast, 'paper' layout ok
 
 
-def read_tsv(path):
-    shapes, header = {}, {}
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip('\n')
-            if line.startswith('# params:'):
-                header['params'] = int(line.split(':')[1])
-            elif line and not line.startswith('#'):
-                key, shape = line.split('\t')
-                shapes[key] = () if shape == 'scalar' else tuple(int(s) for s in shape.split('x'))
-    return header, shapes
-
 
 def meta_backbone(**kwargs):
     with torch.device('meta'):
@@ -36,9 +24,8 @@ def count(backbone):
     return sum(p.numel() for p in backbone.parameters()) + HEAD
 
 
-def test_released_layout_equals_the_released_tensors(reference_dir):
-    header, shapes = read_tsv(osp.join(reference_dir, 'released_state_dicts',
-                                       'kw1x_convnext_tiny.tsv'))
+def test_released_layout_equals_the_released_tensors(released_tsv):
+    header, shapes = released_tsv('kw1x_convnext_tiny')
     backbone = meta_backbone()  # arch 'tiny', kw_cfg=dict(budget=1), kw_layout='released'
     assert count(backbone) == header['params'] == 39370674
     ours = {k: tuple(v.shape) for k, v in backbone.state_dict().items()
@@ -180,7 +167,7 @@ def test_init_weights_keeps_attention_initialisation():
     assert torch.equal(model.stages[3][0].pwconv2.bias, torch.zeros(128))
 
 
-def test_frozen_stages_really_freeze():
+def test_frozen_stages_really_freeze(frozen_output_check):
     torch.manual_seed(0)
     model = KWConvNeXt(arch=SMALL, kw_layout='paper', out_indices=(1, 3), frozen_stages=2,
                        drop_path_rate=0.2)
@@ -195,14 +182,7 @@ def test_frozen_stages_really_freeze():
     assert all(w.cells.requires_grad for i, w in enumerate(model.warehouses)
                if i not in (0, 1, 4, 5, 6, 7))
     x = torch.randn(2, 3, 32, 32)
-    model.eval()
-    before = model(x)[0].detach().clone()
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(x)[1].square().mean().backward()
-    opt.step()
-    model.eval()
-    torch.testing.assert_close(model(x)[0], before)
+    frozen_output_check(model, x)
 
 
 def test_train_step_through_mmpretrain_classifier():
@@ -238,9 +218,8 @@ def test_train_step_through_mmpretrain_classifier():
     assert pred.pred_score.shape == (5, )
 
 
-def test_released_checkpoint_converts_by_prefix_rename(reference_dir):
-    _, shapes = read_tsv(osp.join(reference_dir, 'released_state_dicts',
-                                  'kw1x_convnext_tiny.tsv'))
+def test_released_checkpoint_converts_by_prefix_rename(released_tsv):
+    _, shapes = released_tsv('kw1x_convnext_tiny')
     official = {k: torch.empty(s, device='meta') for k, s in shapes.items()}
     converted = official_to_mmpretrain(official)
     (released, ) = [m for m in RELEASED_MODELS if m.name == 'kw1x_convnext_tiny']

@@ -28,18 +28,6 @@ RELEASED = [
 ]
 
 
-def read_tsv(path):
-    shapes, header = {}, {}
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip('\n')
-            if line.startswith('# params:'):
-                header['params'] = int(line.split(':')[1])
-            elif line and not line.startswith('#'):
-                key, shape = line.split('\t')
-                shapes[key] = () if shape == 'scalar' else tuple(int(s) for s in shape.split('x'))
-    return header, shapes
-
 
 def build_released(widen_factor, kw_cfg, device='meta'):
     with torch.device(device):
@@ -63,10 +51,10 @@ def shapes_of(module, prefix=''):
 @pytest.mark.parametrize('name,widen_factor,kw_cfg,paper', RELEASED,
                          ids=[r[0] for r in RELEASED])
 def test_released_parameter_counts_and_tensors(name, widen_factor, kw_cfg, paper,
-                                               reference_dir):
+                                               released_tsv):
     backbone, head = build_released(widen_factor, kw_cfg)
     count = num_params(backbone, head)
-    header, shapes = read_tsv(osp.join(reference_dir, 'released_state_dicts', f'{name}.tsv'))
+    header, shapes = released_tsv(name)
     assert count == header['params']
     assert abs(count - paper) <= 0.005e6, (count, paper)
     ours = {**shapes_of(backbone), **shapes_of(head, 'head.')}
@@ -146,7 +134,7 @@ def test_forward_shapes_out_indices_and_temperature():
     assert KWMobileNetV2(kw_cfg=None, out_indices=(-1, )).out_indices == (7, )
 
 
-def test_frozen_stages_and_norm_eval_really_freeze():
+def test_frozen_stages_and_norm_eval_really_freeze(frozen_output_check):
     torch.manual_seed(0)
     model = KWMobileNetV2(0.5, kw_cfg=dict(budget=1), out_indices=(1, 2), frozen_stages=2,
                           norm_eval=True)
@@ -162,14 +150,7 @@ def test_frozen_stages_and_norm_eval_really_freeze():
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(not m.training for m in norms)  # attention norms included
     x = torch.randn(2, 3, 32, 32)
-    model.eval()
-    before = model(x)[0].detach().clone()
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(x)[1].square().mean().backward()
-    opt.step()
-    model.eval()
-    torch.testing.assert_close(model(x)[0], before)
+    frozen_output_check(model, x)
 
 
 def test_kw_linear_cls_head():
@@ -204,9 +185,8 @@ def test_half_budget_classifier_train_step():
     assert not torch.equal(cells, model.head.fc.warehouse.cells)
 
 
-def test_half_budget_release_converts_and_loads(reference_dir):
-    _, shapes = read_tsv(osp.join(reference_dir, 'released_state_dicts',
-                                  'kw1d2x_mobilenetv2_050.tsv'))
+def test_half_budget_release_converts_and_loads(released_tsv):
+    _, shapes = released_tsv('kw1d2x_mobilenetv2_050')
     torch.manual_seed(0)
     official = {k: torch.randn(s) if s else torch.tensor(0) for k, s in shapes.items()}
     converted = official_to_mmpretrain(official)

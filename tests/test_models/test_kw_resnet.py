@@ -1,5 +1,4 @@
 """KWResNet: released parameter counts and warehouse shapes, freezing, errors."""
-import os.path as osp
 
 import pytest
 import torch
@@ -24,26 +23,14 @@ def classifier_params(backbone):
     return sum(p.numel() for p in backbone.parameters()) + backbone.feat_dim * 1000 + 1000
 
 
-def read_tsv(path):
-    shapes, header = {}, {}
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip('\n')
-            if line.startswith('# params:'):
-                header['params'] = int(line.split(':')[1])
-            elif line and not line.startswith('#'):
-                key, shape = line.split('\t')
-                shapes[key] = () if shape == 'scalar' else tuple(int(s) for s in shape.split('x'))
-    return header, shapes
-
 
 @pytest.mark.parametrize('name,depth,kw_cfg,paper', RELEASED, ids=[r[0] for r in RELEASED])
-def test_released_parameter_counts_and_shapes(name, depth, kw_cfg, paper, reference_dir):
+def test_released_parameter_counts_and_shapes(name, depth, kw_cfg, paper, released_tsv):
     with torch.device('meta'):
         backbone = KWResNet(depth, kw_cfg=kw_cfg)
     count = classifier_params(backbone)
     assert abs(count - paper) <= 0.005e6, (count, paper)
-    header, shapes = read_tsv(osp.join(reference_dir, 'released_state_dicts', f'{name}.tsv'))
+    header, shapes = released_tsv(name)
     assert count == header['params']
     ours = {k: tuple(v.shape) for k, v in backbone.state_dict().items()
             if not k.endswith('attention.temperature')}
@@ -71,7 +58,7 @@ def test_forward_shapes_and_out_indices():
                                             (2, 512, 2, 2)]
 
 
-def test_frozen_stages_and_norm_eval_really_freeze():
+def test_frozen_stages_and_norm_eval_really_freeze(frozen_output_check):
     torch.manual_seed(0)
     model = KWResNet(18, kw_cfg=dict(budget=1), out_indices=(0, 1), frozen_stages=1,
                      norm_eval=True)
@@ -86,14 +73,7 @@ def test_frozen_stages_and_norm_eval_really_freeze():
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert norms and all(not m.training for m in norms)  # attention norms included
     x = torch.randn(2, 3, 64, 64)
-    model.eval()
-    before = model(x)[0].detach().clone()
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(x)[1].square().mean().backward()
-    opt.step()
-    model.eval()
-    torch.testing.assert_close(model(x)[0], before)
+    frozen_output_check(model, x)
 
 
 @pytest.mark.parametrize('kwargs,match', [
