@@ -9,34 +9,23 @@ import warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 
 from .utils import check_dataset_paths, tune_cpu_allocator  # noqa: E402
 
 
-def _cfg_options(pairs):
-    """Parse ``key=value`` strings the way mmengine's DictAction does."""
-    options = {}
-    action = DictAction(option_strings=['--cfg-options'], dest='cfg_options')
-
-    class _Namespace:
-        pass
-    namespace = _Namespace()
-    if pairs:
-        action(None, namespace, list(pairs))
-        options = namespace.cfg_options
-    return options
-
-
 def apply_common_args(args, for_training: bool) -> Config:
-    """Load ``args.config`` and apply the command-line options to it."""
+    """Load ``args.config`` and apply the command-line options to it.
+
+    ``args`` has ``config``, ``work_dir``, ``cfg_options`` (a dict or None),
+    ``launcher``, ``pretrained``, ``amp`` and ``resume``.
+    """
     if not osp.isfile(args.config):
         raise FileNotFoundError(f'config not found: {args.config}')
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
-    options = _cfg_options(args.cfg_options)
-    if options:
-        cfg.merge_from_dict(options)
+    if args.cfg_options:  # already a dict: the tools parse it with mmengine's DictAction
+        cfg.merge_from_dict(args.cfg_options)
     if args.work_dir:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:

@@ -20,6 +20,8 @@ import time
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
+from mmengine.config import DictAction  # noqa: E402
+
 DEFAULT_CONFIG = 'configs/demo/mask_rcnn_kw_r50_shapes.py'
 PRETRAIN_CONFIG = 'configs/demo/kw1x-resnet50_shapes-cls.py'
 KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50')
@@ -29,24 +31,29 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='kw_mm demo')
     parser.add_argument('--config', default=DEFAULT_CONFIG)
     parser.add_argument('--work-dir', default='work_dirs/demo')
-    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE')
     parser.add_argument('--pretrain', action='store_true',
                         help=f'first pretrain the backbone with {PRETRAIN_CONFIG}')
     return parser.parse_args(argv)
 
 
+def training_config(config: str, work_dir: str, cfg_options=None, pretrained=None):
+    """The config as tools/train.py would prepare it (single process)."""
+    from kw_mm.runner import apply_common_args
+    return apply_common_args(
+        argparse.Namespace(config=config, work_dir=work_dir, cfg_options=cfg_options,
+                           launcher='none', pretrained=pretrained, amp=False, resume=None),
+        for_training=True)
+
+
 def pretrain(work_dir: str) -> str:
     """Train the demo classifier; returns its checkpoint path."""
-    from mmengine.config import Config
-
     from kw_mm.demo.shapes import make_shapes_classification
     from kw_mm.runner import build_runner
     print('[demo] preparing the synthetic classification set in data/demo_shapes_cls/ ...',
           flush=True)
     make_shapes_classification('data/demo_shapes_cls')
-    cfg = Config.fromfile(PRETRAIN_CONFIG)
-    cfg.work_dir = work_dir
-    cfg.launcher = 'none'
+    cfg = training_config(PRETRAIN_CONFIG, work_dir)
     runner = build_runner(cfg)
     runner.train()
     top1 = runner.val_loop.run().get('accuracy/top1', float('nan'))
@@ -71,18 +78,9 @@ def main(argv=None):
 
     from mmengine.logging import print_log
 
-    from kw_mm.runner import _cfg_options, build_runner
-    from mmengine.config import Config
-    cfg = Config.fromfile(args.config)
-    cfg.work_dir = args.work_dir
-    if args.pretrain:
-        checkpoint = pretrain(args.work_dir + '_cls')
-        cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=checkpoint,
-                                           prefix='backbone.')
-    cfg.launcher = 'none'
-    options = _cfg_options(args.cfg_options)
-    if options:
-        cfg.merge_from_dict(options)
+    from kw_mm.runner import build_runner
+    checkpoint = pretrain(args.work_dir + '_cls') if args.pretrain else None
+    cfg = training_config(args.config, args.work_dir, args.cfg_options, pretrained=checkpoint)
     runner = build_runner(cfg)
     print_log(f'[demo] config {args.config}; evaluating the untrained model first',
               logger='current', level=logging.INFO)

@@ -10,6 +10,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmengine.config import DictAction  # noqa: E402
+
 from kw_mm.runner import apply_common_args, build_runner  # noqa: E402
 
 
@@ -24,7 +26,7 @@ def parse_args(argv=None):
                         help='automatic mixed precision (fp16 on GPU, bf16 on CPU)')
     parser.add_argument('--pretrained', help='ImageNet-pretrained KW checkpoint for the '
                         "backbone (mmpretrain layout, loaded with prefix 'backbone.')")
-    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries, e.g. train_cfg.max_epochs=2')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
