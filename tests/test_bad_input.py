@@ -9,6 +9,8 @@ the parameter, the value and what is allowed.
 | channels do not partition | cell_in_ratio=0.25 over 6 input channels | cell_in_ratio=0.25 does not give a whole number of channels |
 | groups do not divide | KWConv2d(6, 8, 3, groups=4) | ... must both be divisible by groups=4 |
 | unknown kw_cfg key (typo) | kw_cfg=dict(budgte=1) | kw_cfg has unknown key(s) ['budgte']; allowed keys are [...] |
+| unknown sharing range | kw_cfg=dict(sharing='stages') | kw_cfg.sharing must be one of ('stage', 'block', 'layer', 'none'), got 'stages' |
+| whole-kernel cells over mixed shapes | kw_cfg=dict(kernel_partition=False) | kernel_partition=False needs ... equal kernel shapes ..., got layer1.0.conv1: 64x64x3x3, ... |
 | out_indices out of range | KWResNet(18, out_indices=(4,)) | out_indices entries must be ints in [-4, 3] ..., got 4 |
 | frozen_stages out of range | KWResNet(18, frozen_stages=5) | frozen_stages must be an int in [-1, 4] ..., got 5 |
 | unknown depth | KWResNet(19) | invalid depth 19 for KWResNet; choose from [18, 34, 50, 101, 152] |
@@ -42,6 +44,11 @@ CASES = [
      r'in_channels=6 and out_channels=8 must both be divisible by groups=4'),
     ('unknown kw_cfg key', lambda: KWResNet(18, kw_cfg=dict(budgte=1)),
      r"kw_cfg has unknown key\(s\) \['budgte'\]; allowed keys are \[.*'budget'"),
+    ('unknown sharing range', lambda: KWResNet(18, kw_cfg=dict(sharing='stages')),
+     r"kw_cfg.sharing must be one of \('stage', 'block', 'layer', 'none'\), got 'stages'"),
+    ('whole-kernel cells over mixed shapes',
+     lambda: KWResNet(18, kw_cfg=dict(kernel_partition=False)),
+     r'kernel_partition=False needs .*equal kernel shapes.*got layer1\.0\.conv1: 64x64x3x3'),
     ('out_indices out of range', lambda: KWResNet(18, out_indices=(4, )),
      r'out_indices entries must be ints in \[-4, 3\].*got 4'),
     ('frozen_stages out of range', lambda: KWResNet(18, frozen_stages=5),

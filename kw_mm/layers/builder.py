@@ -29,7 +29,17 @@ KW_CFG_DEFAULTS: Dict[str, Any] = dict(
     temperature=1.0,
     attention_fn='caf',
     init='one_to_one',
+    sharing='stage',
+    share_across_shapes=True,
+    kernel_partition=True,
 )
+
+#: warehouse sharing ranges (paper Table 6). 'stage': the backbone's layout
+#: (same-stage layers share); 'block': the layers of one residual /
+#: inverted-residual block (the authors' code's per-block keys); 'layer': each
+#: layer owns a warehouse ("within each layer"); 'none': each linear mixture
+#: owns int(b) cells ("without sharing").
+SHARING_RANGES = ('stage', 'block', 'layer', 'none')
 
 #: options that may differ per warehouse (``kw_cfg['warehouses'][key]``).
 PER_WAREHOUSE_KEYS = ('budget', 'cell_in_ratio', 'cell_out_ratio')
@@ -75,6 +85,13 @@ def parse_kw_cfg(kw_cfg: Optional[Mapping[str, Any]], extra_keys: Iterable[str] 
     temperature = cfg['temperature']
     if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 1:
         raise ValueError(f'kw_cfg.temperature must be in [0, 1], got {temperature!r}')
+    if cfg['sharing'] not in SHARING_RANGES:
+        raise ValueError(f"kw_cfg.sharing must be one of {SHARING_RANGES}, got {cfg['sharing']!r}")
+    for key in ('share_across_shapes', 'kernel_partition'):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f'kw_cfg.{key} must be True or False, got {cfg[key]!r}')
+    if not cfg['kernel_partition'] and ratio > 0:
+        raise ValueError(f'kw_cfg.nonlocal_basis_ratio={ratio!r} needs kernel_partition=True')
     return cfg
 
 
@@ -88,16 +105,36 @@ class LayerSpec:
         in_channels (int): Input channels per group.
         kernel_size (tuple[int, ...]): Kernel extent (``(1,)`` for linear).
         warehouse (Hashable): Sharing key; layers with equal keys share.
+        block (str, optional): The residual or inverted-residual block the
+            layer belongs to, used by ``kw_cfg.sharing='block'``. Defaults to
+            the layer itself.
     """
     name: str
     out_channels: int
     in_channels: int
     kernel_size: Tuple[int, ...]
     warehouse: Hashable
+    block: Optional[str] = None
 
     @property
     def kernel(self) -> KernelShape:
         return KernelShape(self.name, self.out_channels, self.in_channels, self.kernel_size)
+
+
+def sharing_key(spec: LayerSpec, sharing: str, share_across_shapes: bool) -> Hashable:
+    """The warehouse a layer draws from under a sharing range (paper Tables 6 and 7).
+
+    The layout's own key (``'stage'``) is kept as is, so released layouts and
+    their per-warehouse overrides are untouched; narrower ranges split it.
+    """
+    key: Hashable = spec.warehouse
+    if sharing == 'block':
+        key = (spec.warehouse, spec.block or spec.name)
+    elif sharing in ('layer', 'none'):
+        key = (spec.warehouse, spec.name)
+    if not share_across_shapes:
+        key = (key, (spec.out_channels, spec.in_channels) + tuple(spec.kernel_size))
+    return key
 
 
 class WarehouseBuilder:
@@ -118,21 +155,36 @@ class WarehouseBuilder:
         self.specs = {spec.name: spec for spec in specs}
         if len(self.specs) != len(specs):
             raise ValueError('layer names in a backbone layout must be unique')
+        sharing = self.kw_cfg.get('sharing', 'stage')
+        across_shapes = self.kw_cfg.get('share_across_shapes', True)
         groups: Dict[Hashable, List[LayerSpec]] = {}
+        layout_key: Dict[Hashable, Hashable] = {}
+        self._key_of: Dict[str, Hashable] = {}
         for spec in specs:
-            groups.setdefault(spec.warehouse, []).append(spec)
-        order = list(warehouse_order) if warehouse_order is not None else list(groups)
-        if sorted(map(repr, order)) != sorted(map(repr, groups)):
-            raise ValueError(f'warehouse_order {order} does not list the warehouses {list(groups)}')
+            key = sharing_key(spec, sharing, across_shapes)
+            groups.setdefault(key, []).append(spec)
+            layout_key[key] = spec.warehouse
+            self._key_of[spec.name] = key
+        layout_keys = list(dict.fromkeys(spec.warehouse for spec in specs))
+        layout_order = list(warehouse_order) if warehouse_order is not None else layout_keys
+        if sorted(map(repr, layout_order)) != sorted(map(repr, layout_keys)):
+            raise ValueError(f'warehouse_order {layout_order} does not list the warehouses '
+                             f'{layout_keys}')
+        # Narrower sharing splits a layout warehouse in place: the pieces keep
+        # its position in warehouse_order, in order of first appearance.
+        rank = {repr(key): i for i, key in enumerate(layout_order)}
+        order = sorted(groups, key=lambda k: rank[repr(layout_key[k])])
         per_warehouse = per_warehouse or {}
         self.keys = order
         self.plans: Dict[Hashable, WarehousePlan] = {}
         for key in order:
             options = {k: self.kw_cfg[k] for k in PER_WAREHOUSE_KEYS}
-            options.update(per_warehouse.get(key, {}))
+            options.update(per_warehouse.get(layout_key[key], {}))
             self.plans[key] = plan_warehouse([s.kernel for s in groups[key]], options['budget'],
                                              options['cell_in_ratio'], options['cell_out_ratio'],
-                                             self.kw_cfg.get('init', 'one_to_one'))
+                                             self.kw_cfg.get('init', 'one_to_one'),
+                                             self.kw_cfg.get('kernel_partition', True),
+                                             private=sharing == 'none')
         self.warehouses = nn.ModuleList(KernelWarehouse(self.plans[key]) for key in order)
         self._by_key = dict(zip(order, self.warehouses))
         self._built: set = set()
@@ -159,7 +211,7 @@ class WarehouseBuilder:
                                       padding=padding, dilation=dilation, groups=groups, bias=bias)
         return _CONV_CLASSES[ndim](in_channels, out_channels, kernel_size, stride=stride,
                                    padding=padding, dilation=dilation, groups=groups, bias=bias,
-                                   warehouse=self._by_key[spec.warehouse], name=name,
+                                   warehouse=self._by_key[self._key_of[name]], name=name,
                                    **self._kw_options())
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
@@ -168,7 +220,8 @@ class WarehouseBuilder:
         if spec is None:
             return nn.Linear(in_features, out_features, bias=bias)
         return KWLinear(in_features, out_features, bias=bias,
-                        warehouse=self._by_key[spec.warehouse], name=name, **self._kw_options())
+                        warehouse=self._by_key[self._key_of[name]], name=name,
+                        **self._kw_options())
 
     def check_complete(self) -> None:
         """Raise when a planned layer was never built (a layout bug)."""

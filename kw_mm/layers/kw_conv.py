@@ -54,25 +54,28 @@ class _KWLayer(nn.Module):
                   reduction: float, min_hidden: int, cell_in_ratio: Optional[float],
                   cell_out_ratio: Optional[float], norm: str,
                   nonlocal_basis_ratio: float, temperature: float, attention_fn: str = 'caf',
-                  init: str = 'one_to_one') -> None:
+                  init: str = 'one_to_one', kernel_partition: bool = True) -> None:
         if warehouse is None:
-            plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio, init)
+            plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio, init,
+                                  kernel_partition)
             self.warehouse = KernelWarehouse(plan)
         else:
             if not isinstance(warehouse, KernelWarehouse):
                 raise TypeError(f'warehouse must be a KernelWarehouse, got {type(warehouse).__name__}')
             # Not registered: the backbone owns the warehouse (see module docstring).
             object.__setattr__(self, '_shared_warehouse', warehouse)
-        layer_plan = self.kw_warehouse.plan.layer(kernel.name)
+        plan = self.kw_warehouse.plan
+        layer_plan = plan.layer(kernel.name)
         if layer_plan.kernel != kernel:
             raise ValueError(f'layer {kernel.name!r} was planned as {layer_plan.kernel} but is built '
                              f'as {kernel}')
         self.layer_plan: LayerPlan = layer_plan
         self.attention = KWAttention(
-            in_channels, layer_plan, self.kw_warehouse.num_cells, budget=self.kw_warehouse.plan.budget,
+            # without sharing, a mixture's attention row covers its own cells only
+            in_channels, layer_plan, plan.private_cells or plan.num_cells, budget=plan.budget,
             reduction=reduction, min_hidden=min_hidden, norm=norm,
             nonlocal_basis_ratio=nonlocal_basis_ratio, temperature=temperature,
-            attention_fn=attention_fn, init=self.kw_warehouse.plan.init)
+            attention_fn=attention_fn, init=plan.init)
 
     @property
     def kw_warehouse(self) -> KernelWarehouse:
@@ -100,7 +103,14 @@ class _KWLayer(nn.Module):
         wh = self.kw_warehouse.plan
         cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1).to(alpha.dtype)
         batch = alpha.shape[0]
-        mixed = torch.matmul(alpha, cells)  # [B, m, cell_out * cell_in]
+        if wh.private_cells:  # mixture i mixes its own cells [i·k, (i+1)·k) only
+            cells = cells.view(plan.num_mixtures, wh.private_cells, -1)
+            mixed = torch.einsum('bmk,mkd->bmd', alpha, cells)
+        else:
+            mixed = torch.matmul(alpha, cells)  # [B, m, cell_out · cell_in · |cell kernel|]
+        if not plan.partitioned:  # one mixture: the whole kernel (paper §3.5)
+            return mixed.view(batch, plan.kernel.out_channels, plan.kernel.in_channels,
+                              *plan.kernel.kernel_size)
         mixed = mixed.view(batch, plan.kernel.spatial_positions, plan.out_groups, plan.in_groups,
                            wh.cell_out, wh.cell_in)
         mixed = mixed.permute(0, 2, 4, 3, 5, 1)
@@ -118,6 +128,7 @@ class _KWConvNd(_KWLayer):
                  cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
                  attention_fn: str = 'caf', init: str = 'one_to_one',
+                 kernel_partition: bool = True,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -145,7 +156,7 @@ class _KWConvNd(_KWLayer):
                              self.kernel_size)
         self._setup_kw(kernel, in_channels, warehouse, budget, reduction, min_hidden,
                        cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
-                       attention_fn, init)
+                       attention_fn, init, kernel_partition)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -259,6 +270,10 @@ class KWConv2d(_KWConvNd):
         init (str): β strategy of a private warehouse: 'one_to_one'
             (default), 'all_to_one', 'none', 'n_to_one' (b ≥ 2) or
             'one_to_n' (b < 1) (paper Table 13 ablation).
+        kernel_partition (bool): ``False`` makes the private warehouse hold
+            ``int(b)`` whole kernels mixed by one attention row (vanilla
+            dynamic convolution, e.g. DY-Conv with b = 4; paper §3.5).
+            Defaults to True.
         warehouse (KernelWarehouse, optional): A shared warehouse whose plan
             includes a layer called ``name``; when None the layer owns one.
         name (str, optional): The layer's name in the warehouse plan.
@@ -294,6 +309,7 @@ class KWLinear(_KWLayer):
                  cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
                  attention_fn: str = 'caf', init: str = 'one_to_one',
+                 kernel_partition: bool = True,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -305,7 +321,7 @@ class KWLinear(_KWLayer):
         kernel = KernelShape(name or 'KWLinear', out_features, in_features, (1,))
         self._setup_kw(kernel, in_features, warehouse, budget, reduction, min_hidden,
                        cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
-                       attention_fn, init)
+                       attention_fn, init, kernel_partition)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)

@@ -14,6 +14,11 @@ Terminology (paper notation in brackets):
   (``c`` input channels per group) has ``m = (f/cell_out)·(c/cell_in)·k·k``.
 * *zero cell* [e_z]: an extra attention column that never contributes to the
   kernel; it absorbs β for mixtures that get no cell when ``b < 1``.
+
+With kernel partition switched off (paper §3.5, Table 5) a cell is a whole
+static kernel ``f × c × k×k`` and every layer is a single mixture (m = 1):
+KernelWarehouse then degenerates into vanilla dynamic convolution (DY-Conv
+with n = b kernels per layer when each layer owns its warehouse).
 """
 from __future__ import annotations
 
@@ -66,10 +71,16 @@ class LayerPlan:
     in_groups: int
     beta: Tuple[int, ...]
     first_cell: int
+    partitioned: bool = True
+
+    @property
+    def spatial_mixtures(self) -> int:
+        """Mixtures along the kernel's spatial extent (1 when cells are whole kernels)."""
+        return self.kernel.spatial_positions if self.partitioned else 1
 
     @property
     def num_mixtures(self) -> int:
-        return self.out_groups * self.in_groups * self.kernel.spatial_positions
+        return self.out_groups * self.in_groups * self.spatial_mixtures
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,17 @@ class WarehousePlan:
     num_cells: int
     layers: Tuple[LayerPlan, ...] = field(repr=False)
     init: str = 'one_to_one'
+    #: spatial extent of a cell: all ones with kernel partition, the whole
+    #: kernel without it (``None`` means all ones).
+    cell_kernel: Optional[Tuple[int, ...]] = None
+    #: cells each mixture owns when nothing is shared (paper Table 6 "without
+    #: sharing"; mixture i mixes cells [i·k, (i+1)·k) only); 0: all shared.
+    private_cells: int = 0
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether kernels are partitioned into cells (``False``: cells are whole kernels)."""
+        return self.cell_kernel is None
 
     @property
     def total_mixtures(self) -> int:
@@ -89,8 +111,12 @@ class WarehousePlan:
 
     @property
     def cell_shape(self) -> Tuple[int, ...]:
-        """Shape of the warehouse parameter: ``[n, out, in, 1, ...]``."""
-        return (self.num_cells, self.cell_out, self.cell_in) + (1,) * self.ndim
+        """Shape of the warehouse parameter: ``[n, out, in, 1, ...]`` (or ``[n, out, in, *k]``)."""
+        return (self.num_cells, self.cell_out, self.cell_in) + self.cell_spatial
+
+    @property
+    def cell_spatial(self) -> Tuple[int, ...]:
+        return self.cell_kernel if self.cell_kernel is not None else (1,) * self.ndim
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -219,7 +245,8 @@ def check_init_strategy(strategy: str, budget: float) -> str:
 def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
                    cell_in_ratio: Optional[float] = None,
                    cell_out_ratio: Optional[float] = None,
-                   init: str = 'one_to_one') -> WarehousePlan:
+                   init: str = 'one_to_one', partition: bool = True,
+                   private: bool = False) -> WarehousePlan:
     """Plan the kernel partition and the warehouse for layers that share it.
 
     Args:
@@ -233,6 +260,15 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
         cell_out_ratio (float, optional): Same for output channels.
         init (str): Attention initialisation strategy, one of
             :data:`INIT_STRATEGIES`. Defaults to the paper's one-to-one.
+        partition (bool): Partition kernels into cells (the paper's method).
+            ``False`` makes each cell a whole kernel and each layer a single
+            mixture (paper §3.5 / Table 5); the layers sharing the warehouse
+            must then have equal kernel shapes, and the cell ratios must be
+            left unset. Defaults to True.
+        private (bool): No sharing at all (paper Table 6, "without
+            sharing"): each mixture owns ``int(b)`` cells and attends only
+            to them, so ``b`` must be a whole number and one layer uses the
+            warehouse. Defaults to False.
 
     Returns:
         WarehousePlan: cell shape, n, and every layer's partition and β.
@@ -249,6 +285,13 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
         if k.out_channels < 1 or k.in_channels < 1 or min(k.kernel_size) < 1:
             raise ValueError(f'layer {k.name}: channels and kernel size must be positive, got '
                              f'out={k.out_channels}, in={k.in_channels}, kernel={k.kernel_size}')
+    if not isinstance(partition, bool):
+        raise TypeError(f'kernel_partition must be True or False, got {partition!r}')
+    if private:
+        _check_private(kernels, budget, init)
+    if not partition:
+        plan = _plan_unpartitioned(kernels, budget, cell_in_ratio, cell_out_ratio, init)
+        return _privatise(plan) if private else plan
     ratio = default_cell_ratio(budget)
     cell_in_ratio = ratio if cell_in_ratio is None else check_budget(cell_in_ratio, 'cell_in_ratio')
     cell_out_ratio = ratio if cell_out_ratio is None else check_budget(cell_out_ratio, 'cell_out_ratio')
@@ -271,5 +314,67 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
         LayerPlan(kernel=k, out_groups=k.out_channels // cell_out,
                   in_groups=k.in_channels // cell_in, beta=beta, first_cell=first)
         for k, (beta, first) in zip(kernels, betas))
-    return WarehousePlan(cell_out=cell_out, cell_in=cell_in, ndim=ndims.pop(),
+    plan = WarehousePlan(cell_out=cell_out, cell_in=cell_in, ndim=ndims.pop(),
                          budget=budget, num_cells=num_cells, layers=layers, init=init)
+    return _privatise(plan) if private else plan
+
+
+def _check_private(kernels: Sequence[KernelShape], budget: float, init: str) -> None:
+    if len(kernels) != 1:
+        raise ValueError('a warehouse without sharing serves one layer, got '
+                         f'{[k.name for k in kernels]}')
+    if budget < 1 or budget != int(budget):
+        raise ValueError(f"sharing='none' gives each mixture int(b) cells of its own, so the "
+                         f'budget must be a whole number ≥ 1, got budget={budget!r}')
+    if init not in ('one_to_one', 'all_to_one', 'none', 'n_to_one'):
+        raise ValueError(f"init={init!r} cannot be used with sharing='none'")
+
+
+def _privatise(plan: WarehousePlan) -> WarehousePlan:
+    """Give every mixture of the (single) layer its own int(b) cells.
+
+    β then indexes the mixture's own cells: the first of them (one-to-one),
+    or all of them (n-to-one / all-to-one, set by the attention).
+    """
+    per_mixture = int(plan.budget)
+    (layer,) = plan.layers
+    layer = LayerPlan(kernel=layer.kernel, out_groups=layer.out_groups,
+                      in_groups=layer.in_groups, beta=(0,) * layer.num_mixtures, first_cell=0,
+                      partitioned=layer.partitioned)
+    return WarehousePlan(cell_out=plan.cell_out, cell_in=plan.cell_in, ndim=plan.ndim,
+                         budget=plan.budget, num_cells=per_mixture * layer.num_mixtures,
+                         layers=(layer,), init=plan.init, cell_kernel=plan.cell_kernel,
+                         private_cells=per_mixture)
+
+
+def _plan_unpartitioned(kernels: Sequence[KernelShape], budget: float,
+                        cell_in_ratio: Optional[float], cell_out_ratio: Optional[float],
+                        init: str) -> WarehousePlan:
+    """Warehouse of whole kernels: m = 1 per layer, n = int(b · l) for l layers."""
+    for label, ratio in (('cell_in_ratio', cell_in_ratio), ('cell_out_ratio', cell_out_ratio)):
+        if ratio is not None:
+            raise ValueError(f'{label}={ratio!r} has no meaning with kernel_partition=False '
+                             '(a cell is a whole kernel); leave it unset')
+    shapes = {(k.out_channels, k.in_channels, k.kernel_size) for k in kernels}
+    if len(shapes) != 1:
+        found = ', '.join(f'{k.name}: {k.out_channels}x{k.in_channels}x'
+                          f"{'x'.join(map(str, k.kernel_size))}" for k in kernels)
+        raise ValueError(
+            'kernel_partition=False needs the layers sharing a warehouse to have equal kernel '
+            f'shapes (a cell is a whole kernel), got {found}; share only same-shaped kernels '
+            "(kw_cfg share_across_shapes=False) or none (kw_cfg sharing='none')")
+    out_channels, in_channels, kernel_size = shapes.pop()
+    num_cells = int(budget * len(kernels))
+    if num_cells < 1:
+        raise ValueError(
+            f'budget={budget!r} gives zero cells for the warehouse of '
+            f"{', '.join(k.name for k in kernels)}: without kernel partition n = int(b · l) "
+            f'for l = {len(kernels)} layers; the budget must be at least 1/{len(kernels)}')
+    betas = assign_beta([1] * len(kernels), num_cells, budget, init)
+    layers = tuple(
+        LayerPlan(kernel=k, out_groups=1, in_groups=1, beta=beta, first_cell=first,
+                  partitioned=False)
+        for k, (beta, first) in zip(kernels, betas))
+    return WarehousePlan(cell_out=out_channels, cell_in=in_channels, ndim=len(kernel_size),
+                         budget=budget, num_cells=num_cells, layers=layers, init=init,
+                         cell_kernel=kernel_size)

@@ -34,16 +34,18 @@ class KernelWarehouse(nn.Module):
 
         As in the authors' code, each layer's range of cells is initialised as
         if it were a convolution weight of shape ``[cells · cell_out,
-        cell_in, 1, ...]``: ``std = sqrt(2 / (cells · cell_out))``.
+        cell_in, *cell_kernel]``: ``std = sqrt(2 / (cells · cell_out · |cell_kernel|))``
+        (whole-kernel cells, kernel partition off, count their spatial extent too).
         """
         with torch.no_grad():
             for start, end in self.plan.cell_slices():
                 if end <= start:
                     continue
-                fan_out = (end - start) * self.plan.cell_out
+                fan_out = (end - start) * self.plan.cell_out * math.prod(self.plan.cell_spatial)
                 self.cells[start:end].normal_(0.0, math.sqrt(2.0 / fan_out))
 
     def extra_repr(self) -> str:
         p = self.plan
-        return (f'cells={p.num_cells}, cell={p.cell_out}x{p.cell_in}, budget={p.budget:g}, '
+        cell = 'x'.join(map(str, (p.cell_out, p.cell_in) + (() if p.partitioned else p.cell_kernel)))
+        return (f'cells={p.num_cells}, cell={cell}, budget={p.budget:g}, '
                 f'layers={len(p.layers)}, mixtures={p.total_mixtures}')

@@ -115,9 +115,9 @@ def convnext_kw_layout(depths: Sequence[int], channels: Sequence[int], in_channe
             pw = warehouse_name(i, start, end, 'pw')
             for j in range(start, end):
                 name = f'stages.{i}.{j}'
-                specs.append(LayerSpec(f'{name}.dwconv', c, 1, (7, 7), dw))
-                specs.append(LayerSpec(f'{name}.pwconv1', hidden, c, (1, 1), pw))
-                specs.append(LayerSpec(f'{name}.pwconv2', c, hidden, (1, 1), pw))
+                specs.append(LayerSpec(f'{name}.dwconv', c, 1, (7, 7), dw, name))
+                specs.append(LayerSpec(f'{name}.pwconv1', hidden, c, (1, 1), pw, name))
+                specs.append(LayerSpec(f'{name}.pwconv2', c, hidden, (1, 1), pw, name))
     return specs
 
 

@@ -172,16 +172,22 @@ def mobilenet_v2_kw_layout(widen_factor: float, layout: str, in_channels: int = 
             key = pointwise_key(block.kw_stage, 'expansion')
             if key is not None:
                 specs.append(LayerSpec(block.expansion_name, block.hidden_channels,
-                                       block.in_channels, (1, 1), key))
-        specs.append(LayerSpec(block.depthwise_name, block.hidden_channels, 1, (3, 3), dw_key))
+                                       block.in_channels, (1, 1), key, _block(block)))
+        specs.append(LayerSpec(block.depthwise_name, block.hidden_channels, 1, (3, 3), dw_key,
+                               _block(block)))
         key = pointwise_key(block.kw_stage, 'reduction')
         if key is not None:
             specs.append(LayerSpec(block.reduction_name, block.out_channels,
-                                   block.hidden_channels, (1, 1), key))
+                                   block.hidden_channels, (1, 1), key, _block(block)))
     key = pointwise_key(last_kw_stage, 'reduction')
     specs.append(LayerSpec(f'features.{len(blocks) + 1}.0', last, blocks[-1].out_channels, (1, 1),
                            key))
     return specs, overrides
+
+
+def _block(block) -> str:
+    """Module path of an inverted-residual block (``'features.3'``), for ``sharing='layer'``."""
+    return '.'.join(block.depthwise_name.split('.')[:2])
 
 
 class ConvNormAct(nn.Sequential):

@@ -104,16 +104,19 @@ def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 6
             has_down = first and (stride != 1 or in_channels != out_channels)
             entry = i - 1 if first and i > 0 else i
             if block is BasicBlock:
-                specs.append(LayerSpec(f'{name}.conv1', planes, in_channels, (3, 3), entry))
-                specs.append(LayerSpec(f'{name}.conv2', planes, planes, (3, 3), i))
+                specs.append(LayerSpec(f'{name}.conv1', planes, in_channels, (3, 3), entry, name))
+                specs.append(LayerSpec(f'{name}.conv2', planes, planes, (3, 3), i, name))
             else:
                 if not (i == 0 and first):
-                    specs.append(LayerSpec(f'{name}.conv1', planes, in_channels, (1, 1), entry))
-                specs.append(LayerSpec(f'{name}.conv2', planes, planes, (3, 3), i))
-                specs.append(LayerSpec(f'{name}.conv3', out_channels, planes, (1, 1), i))
+                    specs.append(LayerSpec(f'{name}.conv1', planes, in_channels, (1, 1), entry,
+                                           name))
+                specs.append(LayerSpec(f'{name}.conv2', planes, planes, (3, 3), i, name))
+                specs.append(LayerSpec(f'{name}.conv3', out_channels, planes, (1, 1), i, name))
             if has_down and (block is BasicBlock or i > 0):
+                # The shortcut is its own "layer" for sharing='layer' (as the
+                # authors' per-block sharing keeps it apart from conv1).
                 specs.append(LayerSpec(f'{name}.downsample.0', out_channels, in_channels,
-                                       (1, 1), entry))
+                                       (1, 1), entry, f'{name}.downsample'))
             in_channels = out_channels
     return specs, stage_blocks
 

@@ -74,7 +74,14 @@ class KWLinearClsHead(ClsHead):
         if parsed is None:
             self.fc: nn.Module = nn.Linear(in_channels, num_classes)
         else:
-            self.fc = KWLinear(in_channels, num_classes, bias=True, name='fc', **parsed)
+            # The head owns its warehouse, so every sharing range short of 'none'
+            # means the same thing here.
+            options = dict(parsed)
+            if options.pop('sharing') == 'none':
+                raise ValueError("kw_cfg.sharing='none' is not supported by KWLinearClsHead "
+                                 "(its single layer owns its warehouse); use 'layer'")
+            options.pop('share_across_shapes')
+            self.fc = KWLinear(in_channels, num_classes, bias=True, name='fc', **options)
 
     def pre_logits(self, feats: Tuple[torch.Tensor]) -> torch.Tensor:
         """The feature of the last stage (as ``LinearClsHead``)."""

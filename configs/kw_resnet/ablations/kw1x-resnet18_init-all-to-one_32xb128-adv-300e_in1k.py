@@ -1,0 +1,4 @@
+# Paper Table 13, 'all the kernel cells to 1 linear mixture'.
+# Ablation on the paper's advanced recipe (paper §4.3); only kw_cfg differs from the base.
+_base_ = '../kw1x-resnet18_32xb128-adv-300e_in1k.py'
+model = dict(backbone=dict(kw_cfg=dict(init='all_to_one')))
