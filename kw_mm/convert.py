@@ -1,8 +1,9 @@
 """Convert the authors' released KernelWarehouse checkpoints to kw_mm.
 
-The released ImageNet models store a state dict (under ``model`` and, when
-trained with EMA, ``model_ema``, or bare) whose KW layers already use kw_mm's
-module names; only the warehouse container, the classifier and (ConvNeXt) the final norm differ:
+**ImageNet models.** The released files store a state dict (under ``model``
+and, when trained with EMA, ``model_ema``, or bare) whose KW layers already
+use kw_mm's module names; only the warehouse container, the classifier and
+(ConvNeXt) the final norm differ:
 
 ==============================  =====================================
 authors                         kw_mm (mmpretrain ``ImageClassifier``)
@@ -17,9 +18,33 @@ everything else                 ``backbone.`` + key
 (no τ stored)                   ``backbone.<layer>.attention.temperature`` = 0
 ==============================  =====================================
 
+**Mask R-CNN models** (mmdet 2.x checkpoints: ``state_dict`` with
+``backbone.``, ``neck.``, ``rpn_head.`` and ``roi_head.`` keys, plus
+``meta``). Their backbones are the ImageNet ones with the classifier left in
+place (ResNet, MobileNetV2) or replaced by one LayerNorm per output stage
+(ConvNeXt, ``norm0`` … ``norm3``, the names kw_mm's ``KWConvNeXt`` uses);
+the FPN neck and the RPN, box and mask heads have the same names and shapes
+in mmdet 2.x and 3.x:
+
+============================================  ==============================================
+authors (mmdet 2.x ``MaskRCNN``)              kw_mm (mmdet 3.x ``MaskRCNN``)
+============================================  ==============================================
+``backbone.warehouse_manager.weights.N``      ``backbone.warehouses.N.cells``
+``backbone.fc.*`` (ResNet)                    dropped (ImageNet classifier, never used)
+``backbone.classifier.*`` (MobileNetV2)       dropped (ImageNet classifier, never used)
+other ``backbone.*`` (``norm0`` … ``norm3``)  unchanged
+``neck.*``, ``rpn_head.*``, ``roi_head.*``    unchanged
+(no τ stored)                                 ``backbone.<layer>.attention.temperature`` = 0
+============================================  ==============================================
+
+τ is stored as 0 for every KW layer: the authors' attentions keep τ as a
+plain attribute (not in the state dict), set to 0 after ImageNet training
+and at construction of their detection backbones, and kw_mm's fine-tuning
+configs pin it to 0 (``KWFinetuneHook``).
+
 Which released model a file holds is found from tensor shapes alone: the
-converted dict is compared with the state dict of every known model, built
-on the meta device from its config.
+converted dict is compared with the state dict of every known model of its
+task, built on the meta device from its config.
 """
 from __future__ import annotations
 
@@ -34,11 +59,21 @@ from .utils.atomic_backend import write_atomically
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
+#: the tasks of the released models: ImageNet classification (mmpretrain) and
+#: COCO detection / instance segmentation with Mask R-CNN (mmdet)
+TASKS = ('classification', 'detection')
+
+
 @dataclass(frozen=True)
 class ReleasedModel:
-    """A released ImageNet model and the kw_mm config that builds it."""
+    """A released model and the kw_mm config that builds it."""
     name: str
     config: str  # relative to the repository root
+    task: str = 'classification'  # one of TASKS
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f'task must be one of {TASKS}, got {self.task!r}')
 
     @property
     def config_path(self) -> str:
@@ -69,6 +104,22 @@ RELEASED_MODELS += tuple(
         ('kw1d2x_mobilenetv2_100', 'kw1d2x-mobilenet-v2_8xb32_in1k.py'),
         ('kw1x_mobilenetv2_100', 'kw1x-mobilenet-v2_8xb32_in1k.py'),
         ('kw4x_mobilenetv2_100', 'kw4x-mobilenet-v2_8xb32_in1k.py'),
+    ))
+
+#: the authors' released Mask R-CNN models (mmdet 2.x, named after their configs
+#: ``mask_rcnn_<name>_adamw_1x_coco.py``) and the kw_mm configs with the same model
+#: and the same training recipe (AdamW, multi-scale + crop, 1x).
+RELEASED_DETECTION_MODELS: Tuple[ReleasedModel, ...] = tuple(
+    ReleasedModel(name, f'configs/mask_rcnn/{cfg}', 'detection')
+    for name, cfg in (
+        ('mask_rcnn_kw1x_resnet50', 'mask-rcnn_kw1x-resnet50_fpn_paper-ms-crop-1x_coco.py'),
+        ('mask_rcnn_kw4x_resnet50', 'mask-rcnn_kw4x-resnet50_fpn_paper-ms-crop-1x_coco.py'),
+        ('mask_rcnn_kw1x_mobilenetv2_100',
+         'mask-rcnn_kw1x-mobilenet-v2_fpn_paper-ms-crop-1x_coco.py'),
+        ('mask_rcnn_kw4x_mobilenetv2_100',
+         'mask-rcnn_kw4x-mobilenet-v2_fpn_paper-ms-crop-1x_coco.py'),
+        ('mask_rcnn_kw1x_convnext_tiny',
+         'mask-rcnn_kw1x-convnext-t_fpn_paper-ms-crop-1x_coco.py'),
     ))
 
 
@@ -112,19 +163,46 @@ def kw_classifier_warehouse(state_dict: Mapping[str, torch.Tensor]) -> Optional[
     return str(max(indices)) if indices else None
 
 
+def _strip_module(key: str) -> str:
+    """``key`` without the ``module.`` prefix that (Distributed)DataParallel adds."""
+    return key[len('module.'):] if key.startswith('module.') else key
+
+
+def official_backbone_entries(key: str, value: torch.Tensor,
+                              temperature: float) -> Dict[str, torch.Tensor]:
+    """kw_mm entries for one tensor of an authors' backbone.
+
+    Args:
+        key (str): The authors' name relative to the backbone
+            (``warehouse_manager.weights.3``, ``layer1.0.conv2.attention.fc1.weight``).
+        value (Tensor): The tensor.
+        temperature (float): τ stored for a KW layer, whose
+            ``attention.fc1.weight`` brings its ``attention.temperature``.
+
+    Returns:
+        dict: ``backbone.``-prefixed kw_mm names → tensors (one or two entries).
+    """
+    if key.startswith('warehouse_manager.weights.'):
+        return {f'backbone.warehouses.{key.rsplit(".", 1)[1]}.cells': value}
+    entries = {'backbone.' + key: value}
+    if key.endswith('.attention.fc1.weight'):
+        layer = key[:-len('.fc1.weight')]
+        entries[f'backbone.{layer}.temperature'] = torch.tensor(float(temperature))
+    return entries
+
+
 def official_to_mmpretrain(state_dict: Mapping[str, torch.Tensor],
                            temperature: float = 0.0) -> Dict[str, torch.Tensor]:
     """Rename an authors' state dict to an mmpretrain ``ImageClassifier``'s."""
     out: Dict[str, torch.Tensor] = {}
     head_warehouse = kw_classifier_warehouse(state_dict)
     for key, value in state_dict.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
+        key = _strip_module(key)
         if key.startswith('warehouse_manager.weights.'):
-            index = key.rsplit('.', 1)[1]
-            if index == head_warehouse:  # KWLinearClsHead owns the classifier's warehouse
+            if key.rsplit('.', 1)[1] == head_warehouse:  # the KW classifier's own warehouse
                 out['head.fc.warehouse.cells'] = value
                 continue
-            out[f'backbone.warehouses.{index}.cells'] = value
+            out.update(official_backbone_entries(key, value, temperature))
         elif key.startswith(KW_CLASSIFIER_PREFIX):  # MobileNetV2 1/2x: KWLinear's ``conv``
             out['head.fc.' + key[len(KW_CLASSIFIER_PREFIX):]] = value
             if key.endswith('.attention.fc1.weight'):
@@ -138,21 +216,92 @@ def official_to_mmpretrain(state_dict: Mapping[str, torch.Tensor],
         elif key.startswith('norm.'):  # ConvNeXt final norm (after pooling): mmpretrain's norm3
             out['backbone.norm3.' + key[len('norm.'):]] = value
         else:
-            out['backbone.' + key] = value
-            if key.endswith('.attention.fc1.weight'):
-                layer = key[:-len('.fc1.weight')]
-                out[f'backbone.{layer}.temperature'] = torch.tensor(float(temperature))
+            out.update(official_backbone_entries(key, value, temperature))
+    return out
+
+
+#: the parts every mmdet 2.x two-stage detector's state dict has
+DETECTION_PREFIXES = ('backbone.', 'neck.', 'rpn_head.')
+
+#: tensors of the authors' detection backbones that no detector uses: the ImageNet
+#: classifier that their ``KW_ResNet`` (``fc``) and ``KW_MobileNetV2`` (``classifier``)
+#: build and load with the pretrained weights (ConvNeXt has none)
+UNUSED_DETECTION_PREFIXES = ('backbone.fc.', 'backbone.classifier.')
+
+
+def is_detection_state_dict(state_dict: Mapping) -> bool:
+    """Whether a state dict is an mmdet detector's (backbone, neck and RPN head keys)."""
+    keys = [_strip_module(k) for k in state_dict if isinstance(k, str)]
+    return all(any(k.startswith(prefix) for k in keys) for prefix in DETECTION_PREFIXES)
+
+
+def checkpoint_task(checkpoint: Mapping) -> str:
+    """'detection' for an mmdet checkpoint (``state_dict`` holding a detector's
+    keys, or such a state dict bare), else 'classification'."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(
+            f'expected a dict-like checkpoint, got {type(checkpoint).__name__}')
+    inner = checkpoint.get('state_dict')
+    if (isinstance(inner, Mapping) and not isinstance(checkpoint.get('model'), Mapping)
+            and is_detection_state_dict(inner)):
+        return 'detection'
+    if (checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+            and is_detection_state_dict(checkpoint)):
+        return 'detection'
+    return 'classification'
+
+
+def extract_detection_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    """The detector's state dict inside an mmdet checkpoint's contents."""
+    if checkpoint_task(checkpoint) != 'detection':
+        raise CheckpointMismatchError(
+            f"not an mmdet detection checkpoint: expected a 'state_dict' (or a bare state dict) "
+            f"with keys starting with {', '.join(DETECTION_PREFIXES)}; got keys "
+            f'{sorted(map(str, checkpoint))[:10]}')
+    inner = checkpoint.get('state_dict')
+    return dict(inner) if isinstance(inner, Mapping) else dict(checkpoint)
+
+
+def unused_detection_keys(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """The authors' detection tensors that :func:`official_detection_to_mmdet` drops."""
+    return sorted(k for k in map(_strip_module, state_dict)
+                  if k.startswith(UNUSED_DETECTION_PREFIXES))
+
+
+def official_detection_to_mmdet(state_dict: Mapping[str, torch.Tensor],
+                                temperature: float = 0.0) -> Dict[str, torch.Tensor]:
+    """Rename an authors' mmdet 2.x Mask R-CNN state dict to kw_mm's mmdet 3.x one.
+
+    The backbone goes through :func:`official_backbone_entries` (warehouses,
+    τ), its unused ImageNet classifier is dropped (:func:`unused_detection_keys`),
+    and the neck and heads keep their names: mmdet 3.x's ``FPN``, ``RPNHead``,
+    ``Shared2FCBBoxHead`` and ``FCNMaskHead`` have the modules and shapes of
+    mmdet 2.x (the background class is last in ``fc_cls`` in both).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = _strip_module(key)
+        if key.startswith(UNUSED_DETECTION_PREFIXES):
+            continue
+        if key.startswith('backbone.'):
+            out.update(official_backbone_entries(key[len('backbone.'):], value, temperature))
+        else:
+            out[key] = value
     return out
 
 
 def build_from_config(config_path: str, device: str = 'cpu') -> torch.nn.Module:
-    """Build the model of an mmpretrain config (on ``device``; 'meta' is cheap)."""
+    """Build the model of an mmpretrain or mmdet config (on ``device``; 'meta' is cheap)."""
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     cfg = Config.fromfile(config_path)
     import kw_mm  # noqa: F401  (registers the KW modules)
-    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    from mmpretrain.registry import MODELS
+    scope = cfg.get('default_scope', 'mmpretrain')
+    init_default_scope(scope)
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    else:
+        from mmpretrain.registry import MODELS
     with torch.device(device):
         return MODELS.build(cfg.model)
 
@@ -178,6 +327,8 @@ def compare_shapes(found: Mapping[str, Tuple[int, ...]],
 def identify(converted: Mapping[str, torch.Tensor],
              candidates: Sequence[ReleasedModel] = RELEASED_MODELS) -> ReleasedModel:
     """The released model whose tensors all match ``converted`` by name and shape."""
+    if not candidates:
+        raise ValueError('candidates must name at least one released model, got none')
     found = _shapes(converted)
     best: Optional[Tuple[int, ReleasedModel, List[str]]] = None
     for candidate in candidates:
@@ -187,7 +338,6 @@ def identify(converted: Mapping[str, torch.Tensor],
             return candidate
         if best is None or len(problems) < best[0]:
             best = (len(problems), candidate, problems)
-    assert best is not None
     _, closest, problems = best
     shown = '\n  '.join(problems[:15])
     more = f'\n  ... and {len(problems) - 15} more' if len(problems) > 15 else ''
@@ -197,8 +347,8 @@ def identify(converted: Mapping[str, torch.Tensor],
         f'({closest.config}); these tensors did not match:\n  {shown}{more}')
 
 
-def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
-    """Convert a released checkpoint file; returns the model it was found to be."""
+def load_checkpoint_file(src: str) -> Mapping:
+    """The contents of a released checkpoint file, loaded safely (weights_only)."""
     if not osp.isfile(src):
         raise FileNotFoundError(f'checkpoint SRC not found: {src}')
     import argparse
@@ -206,16 +356,52 @@ def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
     try:
         # the authors' training checkpoints also hold their argparse options
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+            return torch.load(src, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointMismatchError(
             f'{src} holds objects that safe loading (weights_only=True) refuses: {first_line}. '
-            'Save just its state dict (torch.save(ckpt["model"], path)) and convert that.')
-    converted = official_to_mmpretrain(extract_state_dict(checkpoint, prefer_ema))
-    model = identify(converted)
-    meta = dict(source=osp.basename(src), released_model=model.name, config=model.config,
-                converter='kw_mm.convert')
+            'Save just its state dict (torch.save(ckpt["model"], path), or ckpt["state_dict"] '
+            'for a detection checkpoint) and convert that.')
+
+
+def _dataset_meta(checkpoint: Mapping) -> Optional[Dict[str, tuple]]:
+    """mmdet 3.x ``dataset_meta`` from an mmdet 2.x checkpoint's ``meta['CLASSES']``."""
+    meta = checkpoint.get('meta')
+    classes = meta.get('CLASSES') if isinstance(meta, Mapping) else None
+    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+        return dict(classes=tuple(classes))
+    return None
+
+
+def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
+    """Convert a released checkpoint file; returns the model it was found to be.
+
+    An mmdet 2.x detection checkpoint (see :func:`checkpoint_task`) becomes an
+    mmdet 3.x one for the matching ``RELEASED_DETECTION_MODELS`` config, any
+    other file an mmpretrain one for the matching ``RELEASED_MODELS`` config.
+    DST holds ``{'state_dict': ..., 'meta': {...}}`` and is written atomically.
+    """
+    checkpoint = load_checkpoint_file(src)
+    task = checkpoint_task(checkpoint)
+    meta: Dict[str, object] = dict(source=osp.basename(src), converter='kw_mm.convert',
+                                   task=task)
+    if task == 'detection':
+        if prefer_ema:
+            raise CheckpointMismatchError(
+                f'{src} is an mmdet detection checkpoint, which holds one set of weights '
+                "('state_dict') and no EMA copy; convert it without prefer_ema (--ema)")
+        state_dict = extract_detection_state_dict(checkpoint)
+        converted = official_detection_to_mmdet(state_dict, temperature=0.0)
+        model = identify(converted, RELEASED_DETECTION_MODELS)
+        meta.update(dropped_keys=unused_detection_keys(state_dict), temperature=0.0)
+        dataset_meta = _dataset_meta(checkpoint)
+        if dataset_meta is not None:
+            meta['dataset_meta'] = dataset_meta
+    else:
+        converted = official_to_mmpretrain(extract_state_dict(checkpoint, prefer_ema))
+        model = identify(converted)
+    meta.update(released_model=model.name, config=model.config)
     # atomic: a crash mid-write never leaves a truncated file under DST
     write_atomically(dst, lambda f: torch.save(dict(state_dict=converted, meta=meta), f))
     return model

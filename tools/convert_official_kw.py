@@ -1,9 +1,12 @@
-"""Convert a released KernelWarehouse ImageNet checkpoint to kw_mm (mmpretrain).
+"""Convert a released KernelWarehouse checkpoint to kw_mm (mmpretrain or mmdet).
 
     python tools/convert_official_kw.py SRC DST [--ema]
 
-Finds which released model SRC holds from its tensor shapes, writes an
-mmpretrain checkpoint to DST (atomically), and prints as its last line the
+SRC is either an ImageNet checkpoint (``model`` / ``model_ema`` / bare state
+dict) or an mmdet 2.x Mask R-CNN checkpoint (``state_dict`` with ``backbone.``,
+``neck.`` and ``rpn_head.`` keys); which one is detected automatically. Finds
+which released model SRC holds from its tensor shapes, writes an mmpretrain
+or mmdet 3.x checkpoint to DST (atomically), and prints as its last line the
 config, relative to the repository root, that builds that model:
 
     python tools/test.py $(python tools/convert_official_kw.py SRC DST | tail -1) DST
@@ -20,16 +23,18 @@ from kw_mm.convert import CheckpointMismatchError, convert_file  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('src', help="the authors' checkpoint (.pth)")
-    parser.add_argument('dst', help='where to write the mmpretrain checkpoint')
+    parser.add_argument('dst', help='where to write the mmpretrain / mmdet checkpoint')
     parser.add_argument('--ema', action='store_true',
-                        help="take the 'model_ema' weights when the file has both")
+                        help="ImageNet checkpoints: take the 'model_ema' weights when the file "
+                        'has both')
     args = parser.parse_args(argv)
     try:
         model = convert_file(args.src, args.dst, prefer_ema=args.ema)
     except (CheckpointMismatchError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
-    print(f'{args.src} is the released {model.name}; wrote {args.dst}')
+    kind = 'Mask R-CNN (mmdet)' if model.task == 'detection' else 'ImageNet (mmpretrain)'
+    print(f'{args.src} is the released {kind} {model.name}; wrote {args.dst}')
     print(model.config)
     return 0
 
