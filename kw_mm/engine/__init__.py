@@ -1,3 +1,3 @@
-from .hooks import KWFinetuneHook, KWTemperatureHook
+from .hooks import KWFinetuneHook, KWMemoryHook, KWTemperatureHook
 
-__all__ = ['KWTemperatureHook', 'KWFinetuneHook']
+__all__ = ['KWTemperatureHook', 'KWFinetuneHook', 'KWMemoryHook']
