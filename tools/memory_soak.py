@@ -56,6 +56,7 @@ def soak_config(args):
     cfg.test_cfg = cfg.test_dataloader = cfg.test_evaluator = None
     cfg.default_hooks.checkpoint = None
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=args.interval)
+    cfg.log_processor = dict(by_epoch=False)
     cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
         dict(type='KWMemoryHook', interval=args.interval, record_iters=args.report)]
     # keep the config's epoch-based schedules meaningful with an infinite sampler
