@@ -29,6 +29,7 @@ setup(
     extras_require={
         'all': read_requirements('requirements/runtime.txt'),
         'tests': read_requirements('requirements/tests.txt'),
+        'export': read_requirements('requirements/export.txt'),
     },
     license='Apache-2.0',
     zip_safe=False,

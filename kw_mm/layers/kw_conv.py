@@ -27,6 +27,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from .attention import KWAttention
+from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
 from .warehouse import KernelWarehouse
 
@@ -173,6 +174,9 @@ class _KWConvNd(_KWLayer):
         alpha = self.attention(x)
         weight = self.assemble_kernel(alpha.to(x.dtype))
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if is_exporting():  # ONNX: no branch on the batch size (see export_forward.py)
+            return batch_agnostic_conv(x, weight, bias, self.stride, self.padding,
+                                       self.dilation, self.groups)
         if x.shape[0] == 1:
             return self._conv(x, weight[0], self.groups, bias)
         if self._pointwise:

@@ -31,12 +31,21 @@ def write_atomically(filepath: Union[str, os.PathLike], write: Callable[[BinaryI
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
+            # mkstemp makes the file private (0600); give it the permissions
+            # an ordinary open() would (0666 minus the umask)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, filepath)
     except BaseException:
         if osp.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class AtomicLocalBackend(LocalBackend):

@@ -76,6 +76,12 @@ def test_atomic_backend_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     target = tmp_path / 'epoch_1.pth'
     backend.put(b'complete', target)
     assert target.read_bytes() == b'complete'
+    umask = os.umask(0o022)
+    try:  # the permissions of an ordinary file, not mkstemp's private 0600
+        backend.put(b'complete', target)
+        assert target.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
 
     def crash(fd):
         raise OSError('disk full')

@@ -1,0 +1,205 @@
+"""tools/export_onnx.py and kw_mm.export: KW models export to ONNX with a dynamic
+batch size and onnxruntime agrees with PyTorch at batch sizes other than the traced one."""
+import importlib.util
+import os.path as osp
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip('onnx')
+pytest.importorskip('onnxscript')
+onnxruntime = pytest.importorskip('onnxruntime')
+
+from kw_mm import KWConv1d, KWConv3d, KWLinear, set_temperature  # noqa: E402
+from kw_mm.convert import REPO_ROOT  # noqa: E402
+from kw_mm.export import (BackboneForExport, ExportDependencyError,  # noqa: E402
+                          ExportVerificationError, build_exportable, export_and_verify,
+                          require_export_dependencies)
+from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2  # noqa: E402
+
+TOOL = osp.join(REPO_ROOT, 'tools', 'export_onnx.py')
+CLS_CONFIG = osp.join(REPO_ROOT, 'configs', 'kw_resnet', 'kw1x-resnet18_8xb32_in1k.py')
+DET_CONFIG = osp.join(REPO_ROOT, 'configs', 'mask_rcnn_kw_r50.py')
+# one stage of 16 channels and 5 classes: the real classifier path, exported in seconds
+TINY_RESNET = {'model.backbone.num_stages': 1, 'model.backbone.out_indices': [0],
+               'model.backbone.stem_channels': 16, 'model.backbone.base_channels': 16,
+               'model.head.in_channels': 16, 'model.head.num_classes': 5}
+TINY_RESNET_ARGS = ['model.backbone.num_stages=1', 'model.backbone.out_indices=[0]',
+                    'model.backbone.stem_channels=16', 'model.backbone.base_channels=16',
+                    'model.head.in_channels=16', 'model.head.num_classes=5']
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location('export_onnx_tool', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def calibrate_batch_norm(model, shape, tau=0.5):
+    """Random-weight models collapse to ~0 in eval mode (running var 1 everywhere);
+    set BatchNorm statistics from one random batch so outputs are O(1), and τ < 1
+    so the kernels depend on the input."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, *shape))
+    set_temperature(model, tau)
+    return model.eval()
+
+
+def run_onnx(path, x):
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return session, [torch.from_numpy(o) for o in session.run(None, {'input': x.numpy()})]
+
+
+def test_tool_exports_a_checkpointed_classifier_with_a_dynamic_batch(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_exportable(CLS_CONFIG, cfg_options=TINY_RESNET)
+    calibrate_batch_norm(model, (3, 32, 32))
+    checkpoint = tmp_path / 'tiny.pth'
+    torch.save({'state_dict': model.classifier.state_dict()}, checkpoint)
+    out = tmp_path / 'tiny.onnx'
+    assert load_tool().main([CLS_CONFIG, '--checkpoint', str(checkpoint), '--out', str(out),
+                             '--shape', '3', '32', '32', '--cfg-options', *TINY_RESNET_ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert 'batch 1: max abs diff' in printed and 'batch 3' in printed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []  # no temp left
+    # the written file is this checkpoint's classifier, at batch sizes the tool did not check
+    for batch in (4, 1):
+        x = torch.randn(batch, 3, 32, 32)
+        session, (scores, ) = run_onnx(out, x)
+        with torch.no_grad():
+            expected = model(x)
+        assert scores.shape == (batch, 5)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic batch dimension
+
+
+class MobileNetV2Prefix(nn.Module):
+    """The stem and first two inverted residuals of a KWMobileNetV2 (depth-wise KW
+    convolutions at stride 1 and 2, point-wise KW), with its warehouses."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.warehouses = backbone.warehouses
+        self.features = backbone.features[:3]
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def tiny_mobilenet_v2():
+    return MobileNetV2Prefix(KWMobileNetV2(0.5, kw_cfg=dict(budget=1)))
+
+
+def tiny_convnext():  # LayerNorm attention, 7×7 depth-wise and point-wise KW convolutions
+    return BackboneForExport(KWConvNeXt(arch=dict(depths=[1], channels=[16]),
+                                        kw_cfg=dict(budget=1)))
+
+
+@pytest.mark.parametrize('build', [tiny_mobilenet_v2, tiny_convnext])
+def test_backbone_exports_with_a_dynamic_batch(build, tmp_path):
+    torch.manual_seed(0)
+    model = calibrate_batch_norm(build(), (3, 32, 32))
+    out = tmp_path / 'backbone.onnx'
+    report = export_and_verify(model, str(out), (3, 32, 32))
+    assert out.is_file() and sorted(report.max_abs_diff) == [1, 3]
+    for batch in (1, 3):
+        assert report.max_abs_reference[batch] > 0.1
+        assert report.max_abs_diff[batch] <= 1e-4 * report.max_abs_reference[batch]
+
+
+class LayerZoo(nn.Module):
+    """KWConv3d (BatchNorm attention), KWConv1d and KWLinear (LayerNorm attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3d = KWConv3d(4, 8, 3, stride=(1, 2, 2), padding=1, budget=1)
+        self.conv1d = KWConv1d(8, 8, 3, padding=2, dilation=2, groups=2, norm='LN', budget=1)
+        self.linear = KWLinear(8, 6, norm='LN', budget=1)
+
+    def forward(self, x):
+        x = self.conv1d(self.conv3d(x).flatten(2))
+        return self.linear(x.transpose(1, 2))  # [B, L, 8] tokens -> [B, L, 6]
+
+
+def test_1d_3d_and_linear_layers_export_with_a_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    model = LayerZoo().eval()
+    set_temperature(model, 0.5)
+    report = export_and_verify(model, str(tmp_path / 'layers.onnx'), (4, 3, 6, 6),
+                               tolerance=1e-5)
+    assert max(report.max_abs_diff.values()) <= 1e-5
+    assert min(report.max_abs_reference.values()) > 0.1
+
+
+class ExportsSomethingElse(nn.Module):
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
+
+    def forward(self, x):
+        return self.change(x) if torch.onnx.is_in_onnx_export() else x
+
+
+@pytest.mark.parametrize('change,message', [(lambda x: x + 1, 'differ by up to 1 '),
+                                            (lambda x: x / 0, 'not finite')])
+def test_a_mismatch_fails_and_writes_nothing(change, message, tmp_path):
+    out = tmp_path / 'wrong.onnx'
+    with pytest.raises(ExportVerificationError, match=message):
+        export_and_verify(ExportsSomethingElse(change).eval(), str(out), (2, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+class BranchesOnTheBatchSize(nn.Module):  # what KW convolutions do outside export_mode
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 2 else x
+
+
+def test_a_fixed_batch_dimension_is_refused(tmp_path):
+    with pytest.raises(ExportVerificationError, match='batch dimension is fixed at 2'):
+        export_and_verify(BranchesOnTheBatchSize().eval(), str(tmp_path / 'fixed.onnx'), (2, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('args,message', [
+    (['missing.py', '--out', 'x.onnx'], 'config not found: missing.py'),
+    ([CLS_CONFIG, '--checkpoint', 'missing.pth', '--out', 'x.onnx'],
+     'checkpoint not found: missing.pth'),
+    ([CLS_CONFIG, '--out', 'x.pt'], 'must end in .onnx'),
+    ([CLS_CONFIG, '--out', 'x.onnx', '--shape', '3', '0'], 'input shape must be'),
+    ([CLS_CONFIG, '--out', 'x.onnx', '--opset', '11'], 'opset must be an int >= 18'),
+    ([CLS_CONFIG, '--out', 'x.onnx', '--temperature', '2'], 'temperature must be in [0, 1]'),
+    ([DET_CONFIG, '--out', 'x.onnx'], 'export its backbone with --backbone-only'),
+])
+def test_tool_refuses_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert load_tool().main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    checkpoint = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'backbone.conv1.weight': torch.zeros(1)}}, checkpoint)
+    out = tmp_path / 'x.onnx'
+    assert load_tool().main([CLS_CONFIG, '--checkpoint', str(checkpoint), '--out', str(out),
+                             '--cfg-options', *TINY_RESNET_ARGS]) == 1
+    err = capsys.readouterr().err
+    assert 'does not fit the model' in err and 'head.fc.weight' in err
+    assert not out.exists()
+
+
+def test_missing_onnxruntime_is_named(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # import fails
+    with pytest.raises(ExportDependencyError, match=r'onnxruntime.*kw_mm\[export\]'):
+        require_export_dependencies()
+    assert load_tool().main([CLS_CONFIG, '--out', str(tmp_path / 'x.onnx')]) == 1
+    assert 'requirements/export.txt' in capsys.readouterr().err
