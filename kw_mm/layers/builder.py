@@ -32,6 +32,7 @@ KW_CFG_DEFAULTS: Dict[str, Any] = dict(
     sharing='stage',
     share_across_shapes=True,
     kernel_partition=True,
+    recompute_kernels=False,
 )
 
 #: warehouse sharing ranges (paper Table 6). 'stage': the backbone's layout
@@ -87,7 +88,7 @@ def parse_kw_cfg(kw_cfg: Optional[Mapping[str, Any]], extra_keys: Iterable[str] 
         raise ValueError(f'kw_cfg.temperature must be in [0, 1], got {temperature!r}')
     if cfg['sharing'] not in SHARING_RANGES:
         raise ValueError(f"kw_cfg.sharing must be one of {SHARING_RANGES}, got {cfg['sharing']!r}")
-    for key in ('share_across_shapes', 'kernel_partition'):
+    for key in ('share_across_shapes', 'kernel_partition', 'recompute_kernels'):
         if not isinstance(cfg[key], bool):
             raise ValueError(f'kw_cfg.{key} must be True or False, got {cfg[key]!r}')
     if not cfg['kernel_partition'] and ratio > 0:
@@ -192,7 +193,7 @@ class WarehouseBuilder:
     def _kw_options(self) -> Dict[str, Any]:
         return {k: self.kw_cfg[k] for k in ('reduction', 'min_hidden', 'norm',
                                             'nonlocal_basis_ratio', 'temperature',
-                                            'attention_fn')}
+                                            'attention_fn', 'recompute_kernels')}
 
     def _spec(self, name: str) -> Optional[LayerSpec]:
         spec = self.specs.get(name)

@@ -19,7 +19,7 @@ warehouse (deepcopy's memo maps the shared object once).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import nn
 from .attention import KWAttention
 from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
+from .recompute import KernelRecompute
 from .warehouse import KernelWarehouse
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -119,6 +120,25 @@ class _KWLayer(nn.Module):
                              *plan.kernel.kernel_size)
 
 
+    def _with_kernel(self, alpha: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor],
+                     prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                     ) -> torch.Tensor:
+        """``run(kernel)`` with the assembled (and ``prepare``-d) kernel.
+
+        While training with ``recompute_kernels`` the kernel is not kept for
+        the backward pass but rebuilt there (see :mod:`.recompute`).
+        """
+        def make(a: torch.Tensor) -> torch.Tensor:
+            kernel = self.assemble_kernel(a)
+            return kernel if prepare is None else prepare(kernel)
+
+        kernel = make(alpha)
+        if self.recompute_kernels and torch.is_grad_enabled() and kernel.requires_grad:
+            with KernelRecompute(make, alpha, kernel):
+                return run(kernel)
+        return run(kernel)
+
+
 class _KWConvNd(_KWLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple,
@@ -129,7 +149,7 @@ class _KWConvNd(_KWLayer):
                  cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
                  attention_fn: str = 'caf', init: str = 'one_to_one',
-                 kernel_partition: bool = True,
+                 kernel_partition: bool = True, recompute_kernels: bool = False,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -158,6 +178,9 @@ class _KWConvNd(_KWLayer):
         self._setup_kw(kernel, in_channels, warehouse, budget, reduction, min_hidden,
                        cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
                        attention_fn, init, kernel_partition)
+        if not isinstance(recompute_kernels, bool):
+            raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
+        self.recompute_kernels = recompute_kernels
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -171,20 +194,20 @@ class _KWConvNd(_KWLayer):
         if x.dim() != self.ndim + 2:
             raise ValueError(f'{type(self).__name__} expects a {self.ndim + 2}-D input '
                              f'[B, C, ...], got shape {tuple(x.shape)}')
-        alpha = self.attention(x)
-        weight = self.assemble_kernel(alpha.to(x.dtype))
+        alpha = self.attention(x).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if is_exporting():  # ONNX: no branch on the batch size (see export_forward.py)
-            return batch_agnostic_conv(x, weight, bias, self.stride, self.padding,
-                                       self.dilation, self.groups)
+            return batch_agnostic_conv(x, self.assemble_kernel(alpha), bias, self.stride,
+                                       self.padding, self.dilation, self.groups)
         if x.shape[0] == 1:
-            return self._conv(x, weight[0], self.groups, bias)
+            return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
-            out = self._pointwise_conv(x, weight)
+            out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
         elif x.is_cuda:
-            out = self._batched_conv(x, weight)
+            out = self._with_kernel(alpha, lambda w: self._batched_conv(x, w),
+                                    prepare=lambda w: w.flatten(0, 1))
         else:
-            out = self._per_sample_conv(x, weight)
+            out = self._with_kernel(alpha, lambda w: self._per_sample_conv(x, w))
         if bias is not None:
             out = out + bias.view(1, -1, *([1] * self.ndim))
         return out
@@ -208,10 +231,10 @@ class _KWConvNd(_KWLayer):
 
     def _batched_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # The usual dynamic-convolution trick: one grouped convolution whose
-        # groups are the samples (sample b is group block b).
+        # groups are the samples (sample b is group block b). ``weight`` is
+        # the per-sample kernels flattened to [B·out, in/groups, *k].
         batch = x.shape[0]
-        out = self._conv(x.reshape(1, -1, *x.shape[2:]), weight.flatten(0, 1),
-                         self.groups * batch)
+        out = self._conv(x.reshape(1, -1, *x.shape[2:]), weight, self.groups * batch)
         return out.view(batch, self.out_channels, *out.shape[2:])
 
     def _per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -278,6 +301,10 @@ class KWConv2d(_KWConvNd):
             ``int(b)`` whole kernels mixed by one attention row (vanilla
             dynamic convolution, e.g. DY-Conv with b = 4; paper §3.5).
             Defaults to True.
+        recompute_kernels (bool): While training, rebuild the per-sample
+            kernels in the backward pass instead of keeping them (saves
+            ``B ×`` the layer's kernel in memory for one extra assembly;
+            like mmcv's ``with_cp``). Defaults to False.
         warehouse (KernelWarehouse, optional): A shared warehouse whose plan
             includes a layer called ``name``; when None the layer owns one.
         name (str, optional): The layer's name in the warehouse plan.
@@ -313,7 +340,7 @@ class KWLinear(_KWLayer):
                  cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
                  attention_fn: str = 'caf', init: str = 'one_to_one',
-                 kernel_partition: bool = True,
+                 kernel_partition: bool = True, recompute_kernels: bool = False,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -326,6 +353,9 @@ class KWLinear(_KWLayer):
         self._setup_kw(kernel, in_features, warehouse, budget, reduction, min_hidden,
                        cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
                        attention_fn, init, kernel_partition)
+        if not isinstance(recompute_kernels, bool):
+            raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
+        self.recompute_kernels = recompute_kernels
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -336,9 +366,9 @@ class KWLinear(_KWLayer):
                              f'{tuple(x.shape)}')
         batch = x.shape[0]
         tokens = x.reshape(batch, -1, self.in_features)
-        alpha = self.attention(tokens.mean(1))
-        weight = self.assemble_kernel(alpha.to(x.dtype)).flatten(2)  # [B, out, in]
-        out = torch.bmm(tokens, weight.transpose(1, 2))
+        alpha = self.attention(tokens.mean(1)).to(x.dtype)
+        out = self._with_kernel(alpha, lambda w: torch.bmm(tokens, w.transpose(1, 2)),
+                                prepare=lambda w: w.flatten(2))  # w: [B, out, in]
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,74 @@
+"""Assembled kernels are rebuilt in backward instead of kept (kw_cfg.recompute_kernels)."""
+import gc
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from kw_mm import KWConv1d, KWConv2d, KWConv3d, KWLinear
+from kw_mm.models.backbones import KWResNet
+
+LAYERS = {
+    'dense 3x3': lambda r: KWConv2d(8, 16, 3, padding=1, recompute_kernels=r),
+    'pointwise strided': lambda r: KWConv2d(8, 16, 1, stride=2, recompute_kernels=r),
+    'depthwise': lambda r: KWConv2d(8, 8, 3, padding=1, groups=8, recompute_kernels=r),
+    'conv1d bias': lambda r: KWConv1d(8, 16, 3, bias=True, recompute_kernels=r),
+    'conv3d': lambda r: KWConv3d(4, 8, 3, padding=1, recompute_kernels=r),
+    'linear': lambda r: KWLinear(8, 16, recompute_kernels=r),
+    'b=1/2 whole kernels': lambda r: KWConv2d(8, 8, 3, budget=2, kernel_partition=False,
+                                              recompute_kernels=r),
+}
+INPUTS = {'conv1d bias': (8, 11), 'conv3d': (4, 5, 5, 5), 'linear': (8,)}
+
+
+def run(name, recompute, batch):
+    torch.manual_seed(0)
+    layer = LAYERS[name](recompute).train()
+    x = torch.randn(batch, *INPUTS.get(name, (8, 9, 9)), requires_grad=True)
+    kernels = []
+    assemble = layer.assemble_kernel
+
+    def recording(alpha):
+        kernel = assemble(alpha)
+        kernels.append(StorageWeakRef(kernel.untyped_storage()))
+        return kernel
+    layer.assemble_kernel = recording
+    out = layer(x)
+    gc.collect()
+    kept = not kernels[0].expired()  # is the forward's kernel alive until backward?
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+    return out.detach(), grads, kept, len(kernels)
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('name', sorted(LAYERS))
+def test_same_gradients_without_keeping_the_kernel(name, batch):
+    out0, grads0, kept0, built0 = run(name, False, batch)
+    out1, grads1, kept1, built1 = run(name, True, batch)
+    assert kept0 and built0 == 1  # the plain autograd graph holds the kernel
+    assert not kept1 and built1 == 2  # freed after forward, rebuilt once in backward
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    assert len(grads1) == len(grads0)
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-6)
+
+
+def test_inference_and_no_grad_build_the_kernel_once():
+    layer = KWConv2d(8, 16, 3, padding=1).eval()
+    count = []
+    assemble = layer.assemble_kernel
+    layer.assemble_kernel = lambda a: count.append(1) or assemble(a)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 9, 9))
+    assert len(count) == 1
+
+
+def test_backbone_option_and_bad_value():
+    with torch.device('meta'):
+        model = KWResNet(18, kw_cfg=dict(recompute_kernels=True))
+        default = KWResNet(18, kw_cfg=dict())
+    assert model.layer1[0].conv1.recompute_kernels
+    assert not default.layer1[0].conv1.recompute_kernels
+    with pytest.raises(ValueError, match='kw_cfg.recompute_kernels must be True or False'):
+        KWResNet(18, kw_cfg=dict(recompute_kernels='yes'))
