@@ -131,3 +131,51 @@ def test_sync_bn_conversion_covers_attention_norms():
     model = convert_sync_batchnorm(small_backbone('resnet'), implementation='torch')
     norms = [m for n, m in model.named_modules() if n.endswith('attention.norm1')]
     assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@requires_cuda
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_fp16_autocast_step_is_finite_on_cuda(family):
+    torch.manual_seed(0)
+    model = small_backbone(family).cuda().train()
+    set_temperature(model, 0.5)
+    scaler = torch.amp.GradScaler('cuda')
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with torch.autocast('cuda', dtype=torch.float16):
+        out = model(torch.randn(4, 3, 64, 64, device='cuda'))
+        loss = sum(o.float().square().mean() for o in out)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() > 0
+
+
+@requires_cuda
+def test_sync_bn_trains_on_cuda(tmp_path):
+    import torch.distributed as dist
+    from mmengine.model import convert_sync_batchnorm
+    created = not dist.is_initialized()
+    if created:  # a one-process group is enough for SyncBatchNorm's all-reduce
+        dist.init_process_group('nccl', init_method=f'file://{tmp_path}/pg', rank=0,
+                                world_size=1)
+    try:
+        model = convert_sync_batchnorm(small_backbone('resnet'), implementation='torch')
+        model = model.cuda().train()
+        attention_norm = model.layer1[0].conv1.attention.norm1
+        assert isinstance(attention_norm, torch.nn.SyncBatchNorm)
+        before = attention_norm.running_mean.clone()
+        out = model(torch.randn(4, 3, 64, 64, device='cuda'))
+        loss = sum(o.float().square().mean() for o in out)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert not torch.equal(before, attention_norm.running_mean)  # synced statistics
+        assert attention_norm.weight.grad is not None
+    finally:
+        if created:
+            dist.destroy_process_group()
