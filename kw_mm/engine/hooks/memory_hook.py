@@ -40,7 +40,8 @@ class KWMemoryHook(Hook):
             (1-based, e.g. ``(100, 2000)``). Defaults to ().
     """
 
-    priority = 'LOW'
+    # before LoggerHook (BELOW_NORMAL), so the logged values are this iteration's
+    priority = 'NORMAL'
 
     def __init__(self, interval: int = 50, record_iters: Sequence[int] = ()) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
