@@ -71,6 +71,20 @@ def build_runner(cfg: Config, check_loaders=('train_dataloader', 'val_dataloader
     return Runner.from_cfg(cfg)
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down.
+
+    mmengine leaves the group alive until the interpreter exits; gloo's
+    background threads then die with the process, which on a loaded machine
+    sometimes aborts a rank after its work is done ("terminate called
+    without an active exception"). A no-op without a process group.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _init_cpu_distributed(cfg: Config) -> None:
     """Distributed training on CPU processes (gloo).
 

@@ -11,7 +11,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from kw_mm.runner import apply_common_args, build_runner  # noqa: E402
+from kw_mm.runner import apply_common_args, build_runner, shutdown_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,7 +38,9 @@ def main(argv=None):
     cfg = apply_common_args(args, for_training=False)
     cfg.load_from = args.checkpoint
     runner = build_runner(cfg, check_loaders=('test_dataloader',))
-    return runner.test()
+    metrics = runner.test()
+    shutdown_distributed()
+    return metrics
 
 
 if __name__ == '__main__':

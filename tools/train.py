@@ -12,7 +12,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from kw_mm.runner import apply_common_args, build_runner  # noqa: E402
+from kw_mm.runner import apply_common_args, build_runner, shutdown_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,6 +41,7 @@ def main(argv=None):
     cfg = apply_common_args(args, for_training=True)
     runner = build_runner(cfg, check_loaders=('train_dataloader', 'val_dataloader'))
     runner.train()
+    shutdown_distributed()
 
 
 if __name__ == '__main__':
