@@ -148,6 +148,10 @@ def _transform_name(transform: dict) -> str:
     return kind if isinstance(kind, str) else getattr(kind, '__name__', str(kind))
 
 
+class MissingPipelineError(ValueError):
+    """The config says nothing about how to prepare images for its model."""
+
+
 def inference_pipeline(cfg: Config) -> Callable[[dict], dict]:
     """The config's test pipeline without annotation loading."""
     from mmengine.dataset import Compose
@@ -162,8 +166,10 @@ def inference_pipeline(cfg: Config) -> Callable[[dict], dict]:
     if pipeline is None:
         pipeline = cfg.get('test_pipeline')
     if pipeline is None:
-        raise ValueError('the config has no test pipeline (test_dataloader.dataset.pipeline '
-                         'or test_pipeline) to prepare the images with')
+        raise MissingPipelineError(
+            'the config has no test pipeline (test_dataloader.dataset.pipeline or '
+            'test_pipeline) to prepare the images with; add one, or call '
+            'kw_mm.analysis.collect_attention_maps on the model from Python')
     return Compose([t for t in pipeline if _transform_name(t) not in ANNOTATION_TRANSFORMS])
 
 
@@ -246,5 +252,5 @@ if __name__ == '__main__':
     from kw_mm.analysis import NoKWLayersError
     try:
         main()
-    except (FileNotFoundError, NoKWLayersError) as err:
+    except (FileNotFoundError, NoKWLayersError, MissingPipelineError) as err:
         sys.exit(f'error: {err}')

@@ -234,3 +234,10 @@ def test_tool_errors_name_the_problem(tmp_path, tool):
         tool.main([DEMO_CONFIG, 'none', '--data', str(tmp_path / 'empty'), *TINY])
     with pytest.raises(NoKWLayersError, match='no KernelWarehouse layer'):
         tool.main([DEMO_CONFIG, 'none', '--cfg-options', 'model.backbone.kw_cfg=None'])
+
+
+def test_config_without_a_test_pipeline_is_refused_by_name(tool):
+    from mmengine.config import Config
+    cfg = Config(dict(model=dict(type='KWResNet', depth=18, kw_cfg=dict(budget=1))))
+    with pytest.raises(tool.MissingPipelineError, match='the config has no test pipeline'):
+        tool.inference_pipeline(cfg)
