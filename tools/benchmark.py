@@ -131,11 +131,11 @@ def peak_memory(config: str, kind: str, batch: int, device: str) -> float:
 
 def vm_kib(field: str) -> int:
     """A ``/proc/self/status`` memory field (e.g. VmRSS, VmHWM) in KiB."""
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} not found in /proc/self/status')
+    from kw_mm.utils.memory import proc_status_kib
+    kib = proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f'{field} not found in /proc/self/status')
+    return kib
 
 
 def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup: int,

@@ -10,18 +10,13 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ...utils.atomic_backend import write_atomically
+from ...utils.memory import proc_status_kib
 
 
 def proc_status_mib(field: str) -> Optional[float]:
     """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None off Linux."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    kib = proc_status_kib(field)
+    return None if kib is None else kib / 1024
 
 
 @HOOKS.register_module()
