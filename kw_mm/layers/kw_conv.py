@@ -56,7 +56,11 @@ class _KWLayer(nn.Module):
                   reduction: float, min_hidden: int, cell_in_ratio: Optional[float],
                   cell_out_ratio: Optional[float], norm: str,
                   nonlocal_basis_ratio: float, temperature: float, attention_fn: str = 'caf',
-                  init: str = 'one_to_one', kernel_partition: bool = True) -> None:
+                  init: str = 'one_to_one', kernel_partition: bool = True,
+                  recompute_kernels: bool = False) -> None:
+        if not isinstance(recompute_kernels, bool):
+            raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
+        self.recompute_kernels = recompute_kernels
         if warehouse is None:
             plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio, init,
                                   kernel_partition)
@@ -119,7 +123,6 @@ class _KWLayer(nn.Module):
         return mixed.reshape(batch, plan.kernel.out_channels, plan.kernel.in_channels,
                              *plan.kernel.kernel_size)
 
-
     def _with_kernel(self, alpha: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor],
                      prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                      ) -> torch.Tensor:
@@ -177,10 +180,7 @@ class _KWConvNd(_KWLayer):
                              self.kernel_size)
         self._setup_kw(kernel, in_channels, warehouse, budget, reduction, min_hidden,
                        cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
-                       attention_fn, init, kernel_partition)
-        if not isinstance(recompute_kernels, bool):
-            raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
-        self.recompute_kernels = recompute_kernels
+                       attention_fn, init, kernel_partition, recompute_kernels)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -352,10 +352,7 @@ class KWLinear(_KWLayer):
         kernel = KernelShape(name or 'KWLinear', out_features, in_features, (1,))
         self._setup_kw(kernel, in_features, warehouse, budget, reduction, min_hidden,
                        cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
-                       attention_fn, init, kernel_partition)
-        if not isinstance(recompute_kernels, bool):
-            raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
-        self.recompute_kernels = recompute_kernels
+                       attention_fn, init, kernel_partition, recompute_kernels)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
