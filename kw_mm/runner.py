@@ -1,8 +1,10 @@
 """The shared part of tools/train.py and tools/test.py: config → Runner."""
 from __future__ import annotations
 
+import argparse
 import os.path as osp
 import warnings
+from typing import Optional
 
 # mmengine 0.10.7 imports pkg_resources, which setuptools deprecates loudly;
 # the tools need it (config bases `mmdet::` / `mmpretrain::`), so hush it.
@@ -55,6 +57,15 @@ def apply_common_args(args, for_training: bool) -> Config:
         if cfg.load_from and not osp.isfile(cfg.load_from):
             raise FileNotFoundError(f'--resume checkpoint not found: {cfg.load_from}')
     return cfg
+
+
+def training_config(config: str, work_dir: str, cfg_options=None,
+                    pretrained: Optional[str] = None) -> Config:
+    """``config`` as ``tools/train.py`` would prepare it for a single process."""
+    return apply_common_args(
+        argparse.Namespace(config=config, work_dir=work_dir, cfg_options=cfg_options,
+                           launcher='none', pretrained=pretrained, amp=False, resume=None),
+        for_training=True)
 
 
 def build_runner(cfg: Config, check_loaders=('train_dataloader', 'val_dataloader')):

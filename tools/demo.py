@@ -37,19 +37,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def training_config(config: str, work_dir: str, cfg_options=None, pretrained=None):
-    """The config as tools/train.py would prepare it (single process)."""
-    from kw_mm.runner import apply_common_args
-    return apply_common_args(
-        argparse.Namespace(config=config, work_dir=work_dir, cfg_options=cfg_options,
-                           launcher='none', pretrained=pretrained, amp=False, resume=None),
-        for_training=True)
-
-
 def pretrain(work_dir: str) -> str:
     """Train the demo classifier; returns its checkpoint path."""
     from kw_mm.demo.shapes import make_shapes_classification
-    from kw_mm.runner import build_runner
+    from kw_mm.runner import build_runner, training_config
     print('[demo] preparing the synthetic classification set in data/demo_shapes_cls/ ...',
           flush=True)
     make_shapes_classification('data/demo_shapes_cls')
@@ -78,7 +69,7 @@ def main(argv=None):
 
     from mmengine.logging import print_log
 
-    from kw_mm.runner import build_runner
+    from kw_mm.runner import build_runner, training_config
     checkpoint = pretrain(args.work_dir + '_cls') if args.pretrain else None
     cfg = training_config(args.config, args.work_dir, args.cfg_options, pretrained=checkpoint)
     runner = build_runner(cfg)

@@ -45,12 +45,8 @@ def parse_args(argv=None):
 
 
 def soak_config(args):
-    from kw_mm.runner import apply_common_args
-    cfg = apply_common_args(
-        argparse.Namespace(config=args.config, work_dir=args.work_dir,
-                           cfg_options=args.cfg_options, launcher='none', pretrained=None,
-                           amp=False, resume=None),
-        for_training=True)
+    from kw_mm.runner import training_config
+    cfg = training_config(args.config, args.work_dir, args.cfg_options)
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=args.iters, val_interval=10**9)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.test_cfg = cfg.test_dataloader = cfg.test_evaluator = None
