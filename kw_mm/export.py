@@ -145,20 +145,8 @@ def build_exportable(config: str, checkpoint: Optional[str] = None, backbone_onl
         raise FileNotFoundError(f'config not found: {config}')
     if checkpoint is not None and not osp.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if 'model' not in cfg:
-        raise ValueError(f'config {config} defines no `model`')
-    scope = cfg.get('default_scope', 'mmpretrain')
-    if scope not in ('mmpretrain', 'mmdet'):
-        raise ValueError(f"config {config} has default_scope={scope!r}; 'mmpretrain' and "
-                         f"'mmdet' configs can be exported")
-    init_default_scope(scope)
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    model = registry.build(cfg.model)
+    from .convert import build_from_config
+    model = build_from_config(config, cfg_options=cfg_options)
     if checkpoint is not None:
         from mmengine.runner import load_checkpoint
         try:
