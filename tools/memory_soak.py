@@ -76,10 +76,13 @@ def main(argv=None):
     by_iter = {r['iter']: r for r in hook.records}
     print(f'\nmemory soak: {args.config}, {args.iters} iterations in '
           f'{(time.time() - start) / 60:.1f} min')
-    print(f"  {'iteration':>9}  {'RSS MiB':>9}  {'peak RSS MiB':>12}")
+    columns = (('RSS', 'rss_mib'), ('peak RSS', 'peak_rss_mib'), ('RSS anon', 'rss_anon_mib'),
+               ('RSS file', 'rss_file_mib'), ('heap in use', 'heap_in_use_mib'),
+               ('heap held', 'heap_held_mib'))
+    print(f"  {'iteration':>9}" + ''.join(f'  {title + " MiB":>15}' for title, _ in columns))
     for i in args.report:
         r = by_iter[i]
-        print(f"  {i:>9}  {r['rss_mib']:>9.1f}  {r['peak_rss_mib']:>12.1f}")
+        print(f'  {i:>9}' + ''.join(f'  {r.get(key, float("nan")):>15.1f}' for _, key in columns))
     first, last = by_iter[min(args.report)], by_iter[max(args.report)]
     print(f"  peak growth {min(args.report)} -> {max(args.report)}: "
           f"{last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB "

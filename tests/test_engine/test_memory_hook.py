@@ -26,6 +26,8 @@ def test_records_first_interval_and_requested_iterations(tmp_path):
     assert [r['iter'] for r in hook.records] == [1, 3, 4, 8, 10]
     last = hook.records[-1]
     assert last['peak_rss_mib'] >= last['rss_mib'] > 0
+    # anonymous + file-backed pages: all of the resident set but shared memory
+    assert 0 < last['rss_anon_mib'] + last['rss_file_mib'] <= last['rss_mib'] + 1
     # the same resident size as /proc/self/statm says (pages), within what a few
     # allocations between the two readings can change
     with open('/proc/self/statm') as f:
@@ -61,3 +63,20 @@ def test_soak_tool_checks_its_arguments_and_switches_to_iterations(capsys):
     memory = [h for h in cfg.custom_hooks if h['type'] == 'KWMemoryHook']
     assert memory and tuple(memory[0]['record_iters']) == (10, 30)
     assert any(h['type'] == 'KWTemperatureHook' for h in cfg.custom_hooks)
+
+
+def test_heap_in_use_follows_live_allocations():
+    from kw_mm.utils.memory import malloc_heap_mib
+    if malloc_heap_mib() is None:
+        pytest.skip('no glibc mallinfo2 here')
+    import torch
+    before = malloc_heap_mib()
+    block = torch.ones(64 * 2**18)  # 64 MiB, allocated by this (the main) thread
+    during = malloc_heap_mib()
+    del block
+    after = malloc_heap_mib()
+    assert 63 < during['in_use'] - before['in_use'] < 66
+    assert during['held'] >= during['in_use']
+    assert abs(after['in_use'] - before['in_use']) < 1
+    snapshot = KWMemoryHook().snapshot()
+    assert snapshot['heap_held_mib'] >= snapshot['heap_in_use_mib'] > 0

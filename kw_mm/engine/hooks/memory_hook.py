@@ -10,7 +10,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ...utils.atomic_backend import write_atomically
-from ...utils.memory import proc_status_kib
+from ...utils.memory import malloc_heap_mib, proc_status_kib
 
 
 def proc_status_mib(field: str) -> Optional[float]:
@@ -23,7 +23,11 @@ def proc_status_mib(field: str) -> Optional[float]:
 class KWMemoryHook(Hook):
     """Log resident and peak memory every ``interval`` iterations.
 
-    CPU: the resident set (``VmRSS``) and its peak so far (``VmHWM``); CUDA:
+    CPU: the resident set (``VmRSS``), its peak so far (``VmHWM``), its
+    anonymous and file-backed parts (``RssAnon``, ``RssFile``) and, with
+    glibc, the heap's bytes in live allocations and the bytes it holds (a
+    resident set that grows while the bytes in use stay flat is the
+    allocator keeping or fragmenting free memory, not a leak); CUDA:
     also ``torch.cuda.memory_allocated`` and its peak. The values go to the
     message hub (so the logger prints them as ``rss_mib`` etc.), and every
     record is written to ``<work_dir>/memory.json`` when training ends.
@@ -49,7 +53,14 @@ class KWMemoryHook(Hook):
         self.records: List[Dict[str, float]] = []
 
     def snapshot(self) -> Dict[str, float]:
-        values = {'rss_mib': proc_status_mib('VmRSS'), 'peak_rss_mib': proc_status_mib('VmHWM')}
+        values = {'rss_mib': proc_status_mib('VmRSS'), 'peak_rss_mib': proc_status_mib('VmHWM'),
+                  # resident anonymous memory vs pages of mapped files (library code)
+                  'rss_anon_mib': proc_status_mib('RssAnon'),
+                  'rss_file_mib': proc_status_mib('RssFile')}
+        heap = malloc_heap_mib()
+        if heap is not None:
+            values['heap_in_use_mib'] = heap['in_use']
+            values['heap_held_mib'] = heap['held']
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             values['cuda_mib'] = torch.cuda.memory_allocated() / 2**20
             values['cuda_peak_mib'] = torch.cuda.max_memory_allocated() / 2**20
