@@ -17,18 +17,20 @@ This is a script, not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os.path as osp
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 from kw_mm.utils.allocator import tune_cpu_allocator  # noqa: E402
 
@@ -45,23 +47,31 @@ DET_PAIRS = ('resnet50', 'A vs B')
 INPUTS = {'cls': (8, 224, 224), 'det': (2, 800, 1216)}
 
 
-def build(config: str, device: str):
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def build(config: str, device: str, cfg_options: Optional[Dict] = None):
     from kw_mm import set_temperature
     from kw_mm.convert import build_from_config
-    model = build_from_config(osp.join(ROOT, config)).to(device)
+    model = build_from_config(osp.join(ROOT, config), cfg_options=cfg_options).to(device)
     set_temperature(model, 0.0)  # the trained state; τ does not change the cost
     return model
 
 
-def make_step(model, kind: str, mode: str, batch: int, device: str) -> Callable[[], None]:
+def make_step(model, kind: str, mode: str, batch: int, device: str,
+              amp: Optional[str] = None) -> Callable[[], None]:
     h, w = INPUTS[kind][1:]
     x = torch.randn(batch, 3, h, w, device=device)
     net = model if kind == 'cls' else model.backbone
+
+    def autocast():
+        return (torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp]) if amp
+                else contextlib.nullcontext())
     if mode == 'infer':
         net.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 net(x, mode='tensor') if kind == 'cls' else net(x)
         return step
     net.train()
@@ -71,10 +81,11 @@ def make_step(model, kind: str, mode: str, batch: int, device: str) -> Callable[
 
     def step():
         opt.zero_grad(set_to_none=True)
-        if kind == 'cls':
-            loss = torch.nn.functional.cross_entropy(net(x, mode='tensor'), labels)
-        else:
-            loss = sum(o.float().square().mean() for o in net(x))
+        with autocast():
+            if kind == 'cls':
+                loss = torch.nn.functional.cross_entropy(net(x, mode='tensor').float(), labels)
+            else:
+                loss = sum(o.float().square().mean() for o in net(x))
         loss.backward()
         opt.step()
     return step
@@ -102,7 +113,8 @@ def time_pair(steps: Tuple[Callable, Callable], device: str, warmup: int, reps: 
     return times
 
 
-def peak_memory(config: str, kind: str, batch: int, device: str) -> float:
+def peak_memory(config: str, kind: str, batch: int, device: str,
+                cfg_options: Optional[Dict] = None, amp: Optional[str] = None) -> float:
     """Peak memory (MiB) of two training steps, in a fresh subprocess.
 
     CPU: growth of the process's peak resident set (``VmHWM``, reset through
@@ -114,14 +126,15 @@ def peak_memory(config: str, kind: str, batch: int, device: str) -> float:
         'from tools.benchmark import build, make_step, vm_kib\n'
         'torch.set_num_threads(%d)\n'
         'from kw_mm.utils.allocator import tune_cpu_allocator; tune_cpu_allocator()\n'
-        'm = build(%r, %r); step = make_step(m, %r, "train", %d, %r)\n'
+        'm = build(%r, %r, %r); step = make_step(m, %r, "train", %d, %r, %r)\n'
         'cuda = %r.startswith("cuda")\n'
         'if cuda: torch.cuda.reset_peak_memory_stats()\n'
         'else:\n'
         '    base = vm_kib("VmRSS"); open("/proc/self/clear_refs", "w").write("5")\n'
         'step(); step()\n'
         'print(torch.cuda.max_memory_allocated() / 2**20 if cuda else (vm_kib("VmHWM") - base) / 1024)\n'
-    ) % (ROOT, torch.get_num_threads(), config, device, kind, batch, device, device)
+    ) % (ROOT, torch.get_num_threads(), config, device, cfg_options, kind, batch, device, amp,
+         device)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          cwd=ROOT)
     if out.returncode != 0:
@@ -139,16 +152,17 @@ def vm_kib(field: str) -> int:
 
 
 def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup: int,
-        reps: int, cls_batch: int, memory: bool) -> List[Dict]:
+        reps: int, cls_batch: int, memory: bool, a_options: Optional[Dict] = None,
+        amp: Optional[str] = None) -> List[Dict]:
     rows = []
     for name, (a_cfg, b_cfg) in pairs.items():
-        models = (build(a_cfg, device), build(b_cfg, device))
+        models = (build(a_cfg, device, a_options), build(b_cfg, device))
         for kind in kinds:
             if kind == 'det' and name not in DET_PAIRS:
                 continue
             batch = cls_batch if kind == 'cls' else INPUTS['det'][0]
             for mode in ('infer', 'train'):
-                steps = tuple(make_step(m, kind, mode, batch, device) for m in models)
+                steps = tuple(make_step(m, kind, mode, batch, device, amp) for m in models)
                 ta, tb = time_pair(steps, device, warmup, reps)
                 ma, mb = statistics.median(ta), statistics.median(tb)
                 row = dict(pair=name, a=a_cfg, b=b_cfg, input=kind, batch=batch, mode=mode,
@@ -156,8 +170,8 @@ def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup
                            b_spread_s=[min(tb), max(tb)], ratio=mb / ma,
                            per_rep_ratios=[b / a for a, b in zip(ta, tb)])
                 if memory and mode == 'train':
-                    row['a_peak_mib'] = peak_memory(a_cfg, kind, batch, device)
-                    row['b_peak_mib'] = peak_memory(b_cfg, kind, batch, device)
+                    row['a_peak_mib'] = peak_memory(a_cfg, kind, batch, device, a_options, amp)
+                    row['b_peak_mib'] = peak_memory(b_cfg, kind, batch, device, None, amp)
                     row['memory_ratio'] = row['a_peak_mib'] / max(row['b_peak_mib'], 1e-9)
                 rows.append(row)
                 print(format_row(row), flush=True)
@@ -193,6 +207,11 @@ def main(argv=None):
     parser.add_argument('--no-memory', action='store_true', help='skip the memory probes')
     parser.add_argument('--json', help='write the rows as JSON')
     parser.add_argument('--markdown', help='write the table as Markdown')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
+                        help='run both models under autocast with this dtype (bf16 on CPU)')
+    parser.add_argument('--a-cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override settings of model A only, e.g. '
+                             'model.backbone.kw_cfg.recompute_kernels=True')
     parser.add_argument('--no-malloc-tuning', action='store_true',
                         help='keep glibc\'s default allocator policy (see kw_mm/utils/allocator.py)')
     args = parser.parse_args(argv)
@@ -214,18 +233,21 @@ def main(argv=None):
     cls_batch = args.cls_batch or (64 if args.device.startswith('cuda') else 8)
     device_name = (torch.cuda.get_device_name() if args.device.startswith('cuda')
                    else f'CPU, {args.threads} threads')
-    print(f'# {device_name}; torch {torch.__version__}; heap allocator tuning: {tuned}; '
-          'ratio = throughput(A) / throughput(B)')
+    settings = ''.join([f'; autocast {args.amp}' if args.amp else '',
+                        f'; A with {args.a_cfg_options}' if args.a_cfg_options else ''])
+    print(f'# {device_name}; torch {torch.__version__}; heap allocator tuning: {tuned}'
+          f'{settings}; ratio = throughput(A) / throughput(B)')
     print(HEADER)
     print('|' + '---|' * 9)
     rows = run(pairs, kinds, args.device, args.warmup, args.reps, cls_batch,
-               not args.no_memory)
+               not args.no_memory, args.a_cfg_options, args.amp)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(device=device_name, torch=torch.__version__, rows=rows), f, indent=1)
+            json.dump(dict(device=device_name, torch=torch.__version__, amp=args.amp,
+                           a_cfg_options=args.a_cfg_options, rows=rows), f, indent=1)
     if args.markdown:
         with open(args.markdown, 'w') as f:
-            f.write(f'Device: {device_name}\n\n{HEADER}\n|' + '---|' * 9 + '\n')
+            f.write(f'Device: {device_name}{settings}\n\n{HEADER}\n|' + '---|' * 9 + '\n')
             f.write('\n'.join(format_row(r) for r in rows) + '\n')
 
 

@@ -19,7 +19,7 @@ warehouse (deepcopy's memo maps the shared object once).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import nn
 from .attention import KWAttention
 from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
+from .per_sample import run_per_sample
 from .recompute import KernelRecompute
 from .warehouse import KernelWarehouse
 
@@ -99,42 +100,59 @@ class _KWLayer(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def assemble_kernel(self, alpha: torch.Tensor) -> torch.Tensor:
-        """Per-sample kernels ``[B, out, in/groups, *k]`` from attentions ``[B, m, n]``.
+    def mix_cells(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The mixtures ``[B, m, cell numel]`` (paper Eq. 3), in the warehouse's layout."""
+        plan = self.layer_plan
+        wh = self.kw_warehouse.plan
+        cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1).to(alpha.dtype)
+        if wh.private_cells:  # mixture i mixes its own cells [i·k, (i+1)·k) only
+            cells = cells.view(plan.num_mixtures, wh.private_cells, -1)
+            return torch.einsum('bmk,mkd->bmd', alpha, cells)
+        return torch.matmul(alpha, cells)
+
+    def _blocked(self, mixed: torch.Tensor) -> torch.Tensor:
+        """``mixed [..., m, cell numel]`` as a view ``[..., G_out, cell_out, G_in, cell_in, S]``.
 
         Mixture ``i = (s·G_out + o)·G_in + c`` fills output channels of group
         ``o`` and input channels of group ``c`` at kernel position ``s``.
         """
         plan = self.layer_plan
         wh = self.kw_warehouse.plan
-        cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1).to(alpha.dtype)
-        batch = alpha.shape[0]
-        if wh.private_cells:  # mixture i mixes its own cells [i·k, (i+1)·k) only
-            cells = cells.view(plan.num_mixtures, wh.private_cells, -1)
-            mixed = torch.einsum('bmk,mkd->bmd', alpha, cells)
-        else:
-            mixed = torch.matmul(alpha, cells)  # [B, m, cell_out · cell_in · |cell kernel|]
-        if not plan.partitioned:  # one mixture: the whole kernel (paper §3.5)
-            return mixed.view(batch, plan.kernel.out_channels, plan.kernel.in_channels,
-                              *plan.kernel.kernel_size)
-        mixed = mixed.view(batch, plan.kernel.spatial_positions, plan.out_groups, plan.in_groups,
-                           wh.cell_out, wh.cell_in)
-        mixed = mixed.permute(0, 2, 4, 3, 5, 1)
-        return mixed.reshape(batch, plan.kernel.out_channels, plan.kernel.in_channels,
-                             *plan.kernel.kernel_size)
+        lead = mixed.shape[:-2]
+        n = len(lead)
+        blocked = mixed.view(*lead, plan.kernel.spatial_positions, plan.out_groups,
+                             plan.in_groups, wh.cell_out, wh.cell_in)
+        return blocked.permute(*range(n), n + 1, n + 3, n + 2, n + 4, n)
+
+    def mixture_to_kernel(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Kernels ``[..., out, in/groups, *k]`` from mixtures ``[..., m, cell numel]``."""
+        kernel = self.layer_plan.kernel
+        shape = (*mixed.shape[:-2], kernel.out_channels, kernel.in_channels, *kernel.kernel_size)
+        if not self.layer_plan.partitioned:  # one mixture: the whole kernel (paper §3.5)
+            return mixed.reshape(shape)
+        return self._blocked(mixed).reshape(shape)
+
+    def kernel_into_mixture_(self, mixed: torch.Tensor, kernel: torch.Tensor) -> None:
+        """Write ``kernel`` into ``mixed`` in place: the inverse of :meth:`mixture_to_kernel`."""
+        if not self.layer_plan.partitioned:
+            mixed.view(kernel.shape).copy_(kernel)
+            return
+        blocked = self._blocked(mixed)
+        blocked.copy_(kernel.reshape(blocked.shape))
+
+    def assemble_kernel(self, alpha: torch.Tensor) -> torch.Tensor:
+        """Per-sample kernels ``[B, out, in/groups, *k]`` from attentions ``[B, m, n]``."""
+        return self.mixture_to_kernel(self.mix_cells(alpha))
 
     def _with_kernel(self, alpha: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor],
-                     prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                     make: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                      ) -> torch.Tensor:
-        """``run(kernel)`` with the assembled (and ``prepare``-d) kernel.
+        """``run(make(alpha))``, ``make`` defaulting to :meth:`assemble_kernel`.
 
-        While training with ``recompute_kernels`` the kernel is not kept for
-        the backward pass but rebuilt there (see :mod:`.recompute`).
+        While training with ``recompute_kernels`` the made tensor is not kept
+        for the backward pass but rebuilt there (see :mod:`.recompute`).
         """
-        def make(a: torch.Tensor) -> torch.Tensor:
-            kernel = self.assemble_kernel(a)
-            return kernel if prepare is None else prepare(kernel)
-
+        make = make or self.assemble_kernel
         kernel = make(alpha)
         if self.recompute_kernels and torch.is_grad_enabled() and kernel.requires_grad:
             with KernelRecompute(make, alpha, kernel):
@@ -203,11 +221,12 @@ class _KWConvNd(_KWLayer):
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
             out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
-        elif x.is_cuda:
-            out = self._with_kernel(alpha, lambda w: self._batched_conv(x, w),
-                                    prepare=lambda w: w.flatten(0, 1))
+        elif not x.is_cuda:  # CPU: per sample, kernels reordered one at a time (per_sample.py)
+            x = self._per_sample_input(x)
+            out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
+                                    make=self.mix_cells)
         else:
-            out = self._with_kernel(alpha, lambda w: self._per_sample_conv(x, w))
+            out = self._with_kernel(alpha, lambda w: self._batched_conv(x, w.flatten(0, 1)))
         if bias is not None:
             out = out + bias.view(1, -1, *([1] * self.ndim))
         return out
@@ -219,11 +238,16 @@ class _KWConvNd(_KWLayer):
         return (self.kernel_size == (1,) * nd and self.groups == 1
                 and self.padding in ((0,) * nd, 'valid') and self.dilation == (1,) * nd)
 
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The positions a strided 1×1 convolution reads."""
+        if self.stride == (1,) * self.ndim:
+            return x
+        return x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
+
     def _pointwise_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # y_b = W_b @ x_b over flattened positions: one batched matmul, no
         # per-call weight reordering as a convolution backend would do.
-        if self.stride != (1,) * self.ndim:
-            x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
+        x = self._subsample(x)
         batch = x.shape[0]
         out = torch.bmm(weight.view(batch, self.out_channels, self.in_channels),
                         x.reshape(batch, self.in_channels, -1))
@@ -237,14 +261,56 @@ class _KWConvNd(_KWLayer):
         out = self._conv(x.reshape(1, -1, *x.shape[2:]), weight, self.groups * batch)
         return out.view(batch, self.out_channels, *out.shape[2:])
 
-    def _per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # On CPU, oneDNN runs B ordinary convolutions faster than one
-        # convolution with B× the groups (measured by tools/benchmark.py).
-        # split/unbind rather than indexing: their backward is one cat/stack,
-        # where indexing would scatter each sample's gradient into a zeroed
-        # full-size tensor (B² memory traffic).
-        return torch.cat([self._conv(xb, wb, self.groups)
-                          for xb, wb in zip(x.split(1), weight.unbind(0))])
+    # -- the per-sample CPU path (kw_mm/layers/per_sample.py) ------------------
+    # Its backward calls the convolution's backward directly, which takes
+    # integer padding only: 'valid' is 0, 'same' is d·(k − 1) split as
+    # torch does (the odd extra on the far side, padded onto the input here).
+
+    def _explicit_padding(self) -> Tuple[Tuple[int, ...], Optional[List[int]]]:
+        """(symmetric padding, extra F.pad of the input or None)."""
+        if not isinstance(self.padding, str):
+            return self.padding, None
+        if self.padding == 'valid':
+            return (0,) * self.ndim, None
+        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        if all(t % 2 == 0 for t in totals):
+            return tuple(t // 2 for t in totals), None
+        extra: List[int] = []
+        for t in reversed(totals):  # F.pad lists the last dim first
+            extra += [t // 2, t - t // 2]
+        return (0,) * self.ndim, extra
+
+    def _per_sample_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pointwise:
+            return self._subsample(x)
+        extra = self._explicit_padding()[1]
+        return x if extra is None else F.pad(x, extra)
+
+    def apply_kernel(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """One sample ``x [1, C, *S]`` (from ``_per_sample_input``) through ``kernel``."""
+        if self._pointwise:
+            out = torch.mm(kernel.view(self.out_channels, self.in_channels),
+                           x.reshape(self.in_channels, -1))
+            return out.view(1, self.out_channels, *x.shape[2:])
+        return _CONV_FUNCTIONS[self.ndim](x, kernel, None, self.stride,
+                                          self._explicit_padding()[0], self.dilation,
+                                          self.groups)
+
+    def apply_kernel_backward(self, grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
+                              need_x: bool, need_kernel: bool
+                              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Gradients of :meth:`apply_kernel` for ``x`` and ``kernel`` (None where not needed)."""
+        if self._pointwise:
+            grad = grad.reshape(self.out_channels, -1)
+            weight = kernel.view(self.out_channels, self.in_channels)
+            grad_x = torch.mm(weight.t(), grad).view(x.shape) if need_x else None
+            grad_kernel = (torch.mm(grad, x.reshape(self.in_channels, -1).t()).view(kernel.shape)
+                           if need_kernel else None)
+            return grad_x, grad_kernel
+        grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad, x, kernel, None, self.stride, self._explicit_padding()[0], self.dilation,
+            False, (0,) * self.ndim, self.groups, [need_x, need_kernel, False])
+        return grad_x, grad_kernel
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The straightforward computation, kept for tests of the fast paths:
@@ -364,8 +430,7 @@ class KWLinear(_KWLayer):
         batch = x.shape[0]
         tokens = x.reshape(batch, -1, self.in_features)
         alpha = self.attention(tokens.mean(1)).to(x.dtype)
-        out = self._with_kernel(alpha, lambda w: torch.bmm(tokens, w.transpose(1, 2)),
-                                prepare=lambda w: w.flatten(2))  # w: [B, out, in]
+        out = self._with_kernel(alpha, lambda w: torch.bmm(tokens, w.flatten(2).transpose(1, 2)))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -161,6 +161,11 @@ LAYER_CASES = [
      (16, 6, 6)),
     ('grouped-dilated', lambda bias: KWConv2d(8, 8, 3, padding=2, dilation=2, groups=2,
                                               bias=bias), (8, 7, 7)),
+    ('same-even-kernel', lambda bias: KWConv2d(8, 16, (2, 4), padding='same', dilation=(1, 3),
+                                                bias=bias), (8, 7, 9)),
+    ('valid', lambda bias: KWConv2d(8, 16, 3, padding='valid', stride=2, bias=bias), (8, 9, 9)),
+    ('whole-kernels', lambda bias: KWConv2d(8, 16, 3, padding=1, budget=2, kernel_partition=False,
+                                            bias=bias), (8, 6, 6)),
     ('conv1d', lambda bias: KWConv1d(4, 8, 3, stride=2, padding=1, bias=bias), (4, 11)),
     ('pointwise1d', lambda bias: KWConv1d(4, 8, 1, bias=bias), (4, 11)),
     ('conv3d', lambda bias: KWConv3d(4, 8, 3, padding=1, bias=bias), (4, 4, 5, 6)),
@@ -179,10 +184,21 @@ def test_fast_path_matches_reference(name, make, shape, bias, batch, mode):
     if bias:
         nn.init.normal_(layer.bias)
     layer.train(mode == 'train')
-    x = torch.randn(batch, *shape)
-    fast = layer(x)
-    ref = layer.reference_forward(x)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    x = torch.randn(batch, *shape, requires_grad=True)
+    outputs, grads = [], []
+    for forward in (layer, layer.reference_forward):
+        layer.zero_grad()
+        x.grad = None
+        out = forward(x)
+        # a loss that weighs every output differently, so misplaced gradients show
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad] + [p.grad for p in layer.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for fast, ref in zip(*grads):
+        assert (fast is None) == (ref is None)
+        if fast is not None:
+            torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cells_are_initialised_as_the_authors_do():

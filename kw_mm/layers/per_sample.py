@@ -1,0 +1,69 @@
+"""The CPU forward/backward of a KW convolution: one sample at a time, with
+each sample's kernel reordered from the warehouse's layout just before use.
+
+The assembly matmul (paper Eq. 3) yields every sample's mixtures in the
+warehouse's layout ``[B, m, cell numel]``; a convolution wants
+``[out, in/groups, *k]``. Reordering all ``B`` kernels at once is a pass of
+``B ×`` the layer's kernel through memory (75 MB per ResNet50 last-stage
+layer at batch 8), and autograd's backward then stacks the per-sample
+kernel gradients and reorders them back: two more such passes and two more
+such tensors alive at once. :class:`PerSampleKernelConv` instead reorders
+one sample's kernel (a few MB, still in cache when the convolution reads
+it), and in backward writes each sample's kernel gradient straight into a
+gradient in the warehouse's layout. The arithmetic is the same as
+convolving each sample with its assembled kernel
+(:meth:`~kw_mm.layers.kw_conv._KWConvNd.reference_forward`).
+
+On CPU, oneDNN runs B ordinary convolutions faster than one convolution with
+``B ×`` the groups (the usual dynamic-convolution trick, kept for CUDA).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class PerSampleKernelConv(torch.autograd.Function):
+    """``y[b] = layer.apply_kernel(x[b:b+1], kernel of mixed[b])`` for every sample.
+
+    ``layer`` provides ``mixture_to_kernel`` / ``kernel_into_mixture_`` (the
+    reorder and its inverse), ``apply_kernel`` and ``apply_kernel_backward``.
+    Runs with autocast off: the caller casts ``x`` and ``mixed`` to the
+    dtype the operation should run in.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mixed: torch.Tensor, layer) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, mixed)
+        return torch.cat([layer.apply_kernel(x[b:b + 1], layer.mixture_to_kernel(mixed[b]))
+                          for b in range(x.shape[0])])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, mixed = ctx.saved_tensors
+        layer = ctx.layer
+        need_x, need_kernel = ctx.needs_input_grad[:2]
+        grad_x = [] if need_x else None
+        grad_mixed = torch.empty_like(mixed) if need_kernel else None
+        for b in range(x.shape[0]):
+            grad_xb, grad_kernel = layer.apply_kernel_backward(
+                grad_out[b:b + 1], x[b:b + 1], layer.mixture_to_kernel(mixed[b]),
+                need_x, need_kernel)
+            if need_x:
+                grad_x.append(grad_xb)
+            if need_kernel:
+                layer.kernel_into_mixture_(grad_mixed[b], grad_kernel)
+        return (torch.cat(grad_x) if need_x else None), grad_mixed, None
+
+
+def run_per_sample(layer, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """:class:`PerSampleKernelConv` in the dtype autocast would pick for a convolution."""
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return PerSampleKernelConv.apply(x, mixed, layer)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        return PerSampleKernelConv.apply(x.to(dtype), mixed.to(dtype), layer)
