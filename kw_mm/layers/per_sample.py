@@ -29,12 +29,17 @@ class PerSampleKernelConv(torch.autograd.Function):
     ``layer`` provides ``mixture_to_kernel`` / ``kernel_into_mixture_`` (the
     reorder and its inverse), ``apply_kernel`` and ``apply_kernel_backward``.
     Runs with autocast off: the caller casts ``x`` and ``mixed`` to the
-    dtype the operation should run in.
+    dtype the operation should run in. ``reuse_saved``: the saved ``mixed``
+    is rebuilt for the backward pass and owned by it alone (kernel
+    recomputation), so the backward may overwrite it with its gradient,
+    one sample after another, instead of allocating a second such tensor.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mixed: torch.Tensor, layer) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, mixed: torch.Tensor, layer,
+                reuse_saved: bool = False) -> torch.Tensor:
         ctx.layer = layer
+        ctx.reuse_saved = reuse_saved
         ctx.save_for_backward(x, mixed)
         return torch.cat([layer.apply_kernel(x[b:b + 1], layer.mixture_to_kernel(mixed[b]))
                           for b in range(x.shape[0])])
@@ -46,24 +51,33 @@ class PerSampleKernelConv(torch.autograd.Function):
         layer = ctx.layer
         need_x, need_kernel = ctx.needs_input_grad[:2]
         grad_x = [] if need_x else None
-        grad_mixed = torch.empty_like(mixed) if need_kernel else None
+        grad_mixed = None
+        if need_kernel:
+            grad_mixed = mixed if ctx.reuse_saved else torch.empty_like(mixed)
         for b in range(x.shape[0]):
             grad_xb, grad_kernel = layer.apply_kernel_backward(
                 grad_out[b:b + 1], x[b:b + 1], layer.mixture_to_kernel(mixed[b]),
                 need_x, need_kernel)
             if need_x:
                 grad_x.append(grad_xb)
-            if need_kernel:
+            if need_kernel:  # sample b's kernel is no longer needed: its slot may be reused
                 layer.kernel_into_mixture_(grad_mixed[b], grad_kernel)
-        return (torch.cat(grad_x) if need_x else None), grad_mixed, None
+        return (torch.cat(grad_x) if need_x else None), grad_mixed, None, None
 
 
 def run_per_sample(layer, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-    """:class:`PerSampleKernelConv` in the dtype autocast would pick for a convolution."""
+    """:class:`PerSampleKernelConv` in the dtype autocast would pick for a convolution.
+
+    ``mixed`` straight from the layer's assembly: with ``recompute_kernels``
+    the backward pass gets a rebuilt copy of it (see :mod:`.recompute`).
+    """
     device_type = x.device.type
     if not (torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
-        return PerSampleKernelConv.apply(x, mixed, layer)
+        return PerSampleKernelConv.apply(x, mixed, layer, layer.recompute_kernels)
     dtype = torch.get_autocast_dtype(device_type)
+    cast = mixed.to(dtype)
+    # a cast copy is saved as itself, not rebuilt: then it must not be overwritten
+    reuse = layer.recompute_kernels and cast is mixed
     with torch.autocast(device_type, enabled=False):
-        return PerSampleKernelConv.apply(x.to(dtype), mixed.to(dtype), layer)
+        return PerSampleKernelConv.apply(x.to(dtype), cast, layer, reuse)

@@ -78,3 +78,19 @@ def test_backbone_option_and_bad_value():
     assert not default.layer1[0].conv1.recompute_kernels
     with pytest.raises(ValueError, match='kw_cfg.recompute_kernels must be True or False'):
         KWResNet(18, kw_cfg=dict(recompute_kernels='yes'))
+
+
+@pytest.mark.parametrize('recompute', [False, True])
+def test_retained_graph_gives_the_same_gradients_twice(recompute):
+    # the recomputing backward overwrites its rebuilt kernels with their gradient;
+    # a second backward through a retained graph must rebuild them again
+    torch.manual_seed(0)
+    layer = KWConv2d(8, 16, 3, padding=1, recompute_kernels=recompute).train()
+    x = torch.randn(3, 8, 9, 9, requires_grad=True)
+    out = layer(x)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward(retain_graph=True)
+    first = [g.clone() for g in (x.grad, layer.warehouse.cells.grad)]
+    (out * weights).sum().backward()
+    for once, twice in zip(first, (x.grad, layer.warehouse.cells.grad)):
+        torch.testing.assert_close(twice, 2 * once)
