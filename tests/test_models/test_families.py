@@ -142,18 +142,26 @@ def test_fp16_autocast_step_is_finite_on_cuda(family):
     torch.manual_seed(0)
     model = small_backbone(family).cuda().train()
     set_temperature(model, 0.5)
-    scaler = torch.amp.GradScaler('cuda')
+    scaler = torch.amp.GradScaler('cuda', init_scale=2.0**12)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with torch.autocast('cuda', dtype=torch.float16):
-        out = model(torch.randn(4, 3, 64, 64, device='cuda'))
-        loss = sum(o.float().square().mean() for o in out)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    scaler.step(opt)
-    scaler.update()
-    assert scaler.get_scale() > 0
+    x = torch.randn(4, 3, 64, 64, device='cuda')
+    # the scaler skips steps whose scaled fp16 gradients overflow, halving its
+    # scale each time; within 12 steps it must find one that does not
+    for _ in range(12):
+        opt.zero_grad()
+        with torch.autocast('cuda', dtype=torch.float16):
+            out = model(x)
+            loss = sum(o.float().square().mean() for o in out)
+        assert torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters()
+                     if p.grad is not None)
+        scaler.step(opt)
+        scaler.update()
+        if finite:
+            break
+    assert finite and scaler.get_scale() > 0
 
 
 @requires_cuda
