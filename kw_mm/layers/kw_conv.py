@@ -238,16 +238,11 @@ class _KWConvNd(_KWLayer):
         return (self.kernel_size == (1,) * nd and self.groups == 1
                 and self.padding in ((0,) * nd, 'valid') and self.dilation == (1,) * nd)
 
-    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
-        """The positions a strided 1×1 convolution reads."""
-        if self.stride == (1,) * self.ndim:
-            return x
-        return x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
-
     def _pointwise_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # y_b = W_b @ x_b over flattened positions: one batched matmul, no
         # per-call weight reordering as a convolution backend would do.
-        x = self._subsample(x)
+        if self.stride != (1,) * self.ndim:
+            x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
         batch = x.shape[0]
         out = torch.bmm(weight.view(batch, self.out_channels, self.in_channels),
                         x.reshape(batch, self.in_channels, -1))
@@ -261,7 +256,7 @@ class _KWConvNd(_KWLayer):
         out = self._conv(x.reshape(1, -1, *x.shape[2:]), weight, self.groups * batch)
         return out.view(batch, self.out_channels, *out.shape[2:])
 
-    # -- the per-sample CPU path (kw_mm/layers/per_sample.py) ------------------
+    # -- the per-sample CPU path of k×k convolutions (kw_mm/layers/per_sample.py)
     # Its backward calls the convolution's backward directly, which takes
     # integer padding only: 'valid' is 0, 'same' is d·(k − 1) split as
     # torch does (the odd extra on the far side, padded onto the input here).
@@ -281,17 +276,11 @@ class _KWConvNd(_KWLayer):
         return (0,) * self.ndim, extra
 
     def _per_sample_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self._pointwise:
-            return self._subsample(x)
         extra = self._explicit_padding()[1]
         return x if extra is None else F.pad(x, extra)
 
     def apply_kernel(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """One sample ``x [1, C, *S]`` (from ``_per_sample_input``) through ``kernel``."""
-        if self._pointwise:
-            out = torch.mm(kernel.view(self.out_channels, self.in_channels),
-                           x.reshape(self.in_channels, -1))
-            return out.view(1, self.out_channels, *x.shape[2:])
         return _CONV_FUNCTIONS[self.ndim](x, kernel, None, self.stride,
                                           self._explicit_padding()[0], self.dilation,
                                           self.groups)
@@ -300,13 +289,6 @@ class _KWConvNd(_KWLayer):
                               need_x: bool, need_kernel: bool
                               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Gradients of :meth:`apply_kernel` for ``x`` and ``kernel`` (None where not needed)."""
-        if self._pointwise:
-            grad = grad.reshape(self.out_channels, -1)
-            weight = kernel.view(self.out_channels, self.in_channels)
-            grad_x = torch.mm(weight.t(), grad).view(x.shape) if need_x else None
-            grad_kernel = (torch.mm(grad, x.reshape(self.in_channels, -1).t()).view(kernel.shape)
-                           if need_kernel else None)
-            return grad_x, grad_kernel
         grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
             grad, x, kernel, None, self.stride, self._explicit_padding()[0], self.dilation,
             False, (0,) * self.ndim, self.groups, [need_x, need_kernel, False])
