@@ -14,10 +14,9 @@ keeps its peak heap instead of returning freed pages to the OS.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import sys
+
+from .memory import glibc
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -26,16 +25,12 @@ M_MMAP_MAX = -4
 
 def tune_cpu_allocator() -> bool:
     """Apply the glibc policy above; returns whether it was applied."""
-    if os.environ.get('KW_MM_MALLOC', '1') == '0' or not sys.platform.startswith('linux'):
+    if os.environ.get('KW_MM_MALLOC', '1') == '0':
         return False
-    name = ctypes.util.find_library('c')
-    if not name:
+    found = glibc('mallopt')
+    if found is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
+    mallopt, = found[1]
     ok = mallopt(M_MMAP_MAX, 0) == 1
     ok &= mallopt(M_TRIM_THRESHOLD, 2**30) == 1
     ok &= mallopt(M_TOP_PAD, 64 * 2**20) == 1

@@ -5,7 +5,7 @@ import ctypes
 import ctypes.util
 import re
 import sys
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 
 def proc_status_kib(field: str) -> Optional[int]:
@@ -23,18 +23,26 @@ def proc_status_kib(field: str) -> Optional[int]:
     return None
 
 
-def _load_malloc_info():
+def glibc(*names: str) -> Optional[Tuple[ctypes.CDLL, Tuple[Any, ...]]]:
+    """The C library and its functions ``names``; None off Linux or without
+    them (another libc, e.g. musl)."""
     if not sys.platform.startswith('linux'):
         return None
-    name = ctypes.util.find_library('c')
+    path = ctypes.util.find_library('c')
+    if not path:
+        return None
     try:
-        libc = ctypes.CDLL(name) if name else None
-        functions = libc and (libc.malloc_info, libc.open_memstream, libc.fclose)
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(path)
+        return libc, tuple(getattr(libc, name) for name in names)
+    except (OSError, AttributeError):
         return None
-    if not functions:
+
+
+def _load_malloc_info():
+    found = glibc('malloc_info', 'open_memstream', 'fclose')
+    if found is None:
         return None
-    malloc_info, open_memstream, fclose = functions
+    libc, (malloc_info, open_memstream, fclose) = found
     open_memstream.restype = ctypes.c_void_p
     open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
     malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
