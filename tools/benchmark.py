@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from kw_mm.utils.allocator import tune_cpu_allocator  # noqa: E402
+from kw_mm.utils.atomic_backend import write_atomically  # noqa: E402
 
 SUITES = {
     'resnet50': ('configs/kw_resnet/kw1x-resnet50_8xb32_in1k.py',
@@ -242,14 +243,13 @@ def main(argv=None):
     rows = run(pairs, kinds, args.device, args.warmup, args.reps, cls_batch,
                not args.no_memory, args.a_cfg_options, args.amp)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(device=device_name, torch=torch.__version__, amp=args.amp,
-                           a_cfg_options=args.a_cfg_options, rows=rows), f, indent=1)
+        payload = json.dumps(dict(device=device_name, torch=torch.__version__, amp=args.amp,
+                                  a_cfg_options=args.a_cfg_options, rows=rows), indent=1)
+        write_atomically(args.json, lambda f: f.write(payload.encode()))
     if args.markdown:
-        with open(args.markdown, 'w') as f:
-            f.write(f'Device: {device_name}{settings}\n\n{HEADER}\n|' + '---|' * 9 + '\n')
-            f.write('\n'.join(format_row(r) for r in rows) + '\n')
-
+        table = (f'Device: {device_name}{settings}\n\n{HEADER}\n|' + '---|' * 9 + '\n'
+                 + '\n'.join(format_row(r) for r in rows) + '\n')
+        write_atomically(args.markdown, lambda f: f.write(table.encode()))
 
 if __name__ == '__main__':
     main()
