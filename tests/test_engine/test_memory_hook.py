@@ -68,7 +68,7 @@ def test_soak_tool_checks_its_arguments_and_switches_to_iterations(capsys):
 def test_heap_in_use_follows_live_allocations():
     from kw_mm.utils.memory import malloc_heap_mib
     if malloc_heap_mib() is None:
-        pytest.skip('no glibc mallinfo2 here')
+        pytest.skip('no glibc malloc_info here')
     import torch
     before = malloc_heap_mib()
     block = torch.ones(64 * 2**18)  # 64 MiB, allocated by this (the main) thread
