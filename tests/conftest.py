@@ -52,3 +52,17 @@ def assert_first_output_unchanged_by_a_step(model, x):
 @pytest.fixture
 def frozen_output_check():
     return assert_first_output_unchanged_by_a_step
+
+
+@pytest.fixture(params=['torch', 'native'])
+def assembly(request, monkeypatch):
+    """Run a test twice: assembly products on ``torch.matmul`` and on kw_mm's
+    C kernels (``kw_mm.native``, at every size)."""
+    from kw_mm import native
+    if request.param == 'native':
+        if not native.available():
+            pytest.skip(f'native kernels: {native.status()}')
+        monkeypatch.setattr(native, 'MIN_MACS', 0)
+    else:
+        monkeypatch.setattr(native, 'MIN_MACS', float('inf'))
+    return request.param

@@ -234,7 +234,12 @@ def main(argv=None):
     cls_batch = args.cls_batch or (64 if args.device.startswith('cuda') else 8)
     device_name = (torch.cuda.get_device_name() if args.device.startswith('cuda')
                    else f'CPU, {args.threads} threads')
-    settings = ''.join([f'; autocast {args.amp}' if args.amp else '',
+    if not args.device.startswith('cuda'):
+        from kw_mm import native
+        settings = f'; native assembly kernels: {native.status()}'
+    else:
+        settings = ''
+    settings += ''.join([f'; autocast {args.amp}' if args.amp else '',
                         f'; A with {args.a_cfg_options}' if args.a_cfg_options else ''])
     print(f'# {device_name}; torch {torch.__version__}; heap allocator tuning: {tuned}'
           f'{settings}; ratio = throughput(A) / throughput(B)')
@@ -244,6 +249,7 @@ def main(argv=None):
                not args.no_memory, args.a_cfg_options, args.amp)
     if args.json:
         payload = json.dumps(dict(device=device_name, torch=torch.__version__, amp=args.amp,
+                                  settings=settings.lstrip('; '),
                                   a_cfg_options=args.a_cfg_options, rows=rows), indent=1)
         write_atomically(args.json, lambda f: f.write(payload.encode()))
     if args.markdown:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import nn
 
+from .. import native
 from .attention import KWAttention
 from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
@@ -108,7 +109,9 @@ class _KWLayer(nn.Module):
         if wh.private_cells:  # mixture i mixes its own cells [i·k, (i+1)·k) only
             cells = cells.view(plan.num_mixtures, wh.private_cells, -1)
             return torch.einsum('bmk,mkd->bmd', alpha, cells)
-        return torch.matmul(alpha, cells)
+        if is_exporting():
+            return torch.matmul(alpha, cells)
+        return native.matmul(alpha, cells)  # torch.matmul where the C kernels do not apply
 
     def _blocked(self, mixed: torch.Tensor) -> torch.Tensor:
         """``mixed [..., m, cell numel]`` as a view ``[..., G_out, cell_out, G_in, cell_in, S]``.

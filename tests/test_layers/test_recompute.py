@@ -49,7 +49,7 @@ def run(name, recompute, batch):
 
 @pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('name', sorted(LAYERS))
-def test_same_gradients_without_keeping_the_kernel(name, batch):
+def test_same_gradients_without_keeping_the_kernel(name, batch, assembly):
     out0, grads0, kept0, built0 = run(name, False, batch)
     out1, grads1, kept1, built1 = run(name, True, batch)
     assert kept0 and built0 == 1  # the plain autograd graph holds the kernel

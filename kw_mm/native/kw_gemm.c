@@ -1,0 +1,187 @@
+/* Small-K float32 matrix products for KernelWarehouse kernel assembly (CPU).
+ *
+ * A KW layer's kernel assembly is a product with a short inner dimension
+ * (the warehouse's n cells, or B·m mixtures in the cell gradient) and a very
+ * long outer one (a cell's numel: 262,144 in ResNet50's last stage), which
+ * general-purpose BLAS kernels tile poorly. The two shapes here:
+ *
+ *   kw_gemm_nn: C[M,N] = A[M,K] · B[K,N]      (mixtures, cell gradient)
+ *   kw_gemm_nt: C[M,P] = G[M,D] · E[P,D]^T    (attention gradient)
+ *
+ * All matrices are row-major with unit column stride and a leading dimension.
+ * Built by kw_mm/native/__init__.py with -march=native; without AVX-512F
+ * kw_gemm_available() returns 0 and kw_mm keeps torch's matmul.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+int kw_gemm_available(void) { return 1; }
+
+#define NN_ROWS 6
+#define NN_COLS 64 /* four 16-float vectors */
+
+static inline __mmask16 lane_mask(long remaining)
+{
+    if (remaining >= 16) return (__mmask16)0xFFFF;
+    if (remaining <= 0) return (__mmask16)0;
+    return (__mmask16)((1u << remaining) - 1u);
+}
+
+/* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ 6, cols ≤ 64. Missing rows
+ * read the last valid row of A and are not stored. */
+static inline __attribute__((always_inline)) void
+nn_block(long rows, long cols, long K, const float *A, long lda, const float *B, long ldb,
+         float *C, long ldc, int stream)
+{
+    const float *a[NN_ROWS];
+    for (int r = 0; r < NN_ROWS; ++r) a[r] = A + (r < rows ? r : rows - 1) * lda;
+    __mmask16 m0 = lane_mask(cols), m1 = lane_mask(cols - 16),
+              m2 = lane_mask(cols - 32), m3 = lane_mask(cols - 48);
+    __m512 acc[NN_ROWS][4];
+    for (int r = 0; r < NN_ROWS; ++r)
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (long k = 0; k < K; ++k) {
+        const float *b = B + k * ldb;
+        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16),
+               b2 = _mm512_maskz_loadu_ps(m2, b + 32), b3 = _mm512_maskz_loadu_ps(m3, b + 48);
+        for (int r = 0; r < NN_ROWS; ++r) {
+            __m512 s = _mm512_set1_ps(a[r][k]);
+            acc[r][0] = _mm512_fmadd_ps(s, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(s, b1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(s, b2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(s, b3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < NN_ROWS; ++r) {
+        if (r >= rows) break;
+        float *c = C + r * ldc;
+        if (stream && cols == NN_COLS && ((uintptr_t)c & 63) == 0) {
+            /* large outputs bypass the cache: no read-for-ownership of lines we overwrite */
+            for (int v = 0; v < 4; ++v) _mm512_stream_ps(c + 16 * v, acc[r][v]);
+        } else {
+            _mm512_mask_storeu_ps(c, m0, acc[r][0]);
+            _mm512_mask_storeu_ps(c + 16, m1, acc[r][1]);
+            _mm512_mask_storeu_ps(c + 32, m2, acc[r][2]);
+            _mm512_mask_storeu_ps(c + 48, m3, acc[r][3]);
+        }
+    }
+}
+
+void kw_gemm_nn(long M, long N, long K, const float *A, long lda, const float *B, long ldb,
+                float *C, long ldc, int nthreads)
+{
+    long tiles = (N + NN_COLS - 1) / NN_COLS;
+    /* an output larger than a typical L3 share is not read back soon enough to keep */
+    int stream = (double)M * (double)N * 4.0 > 16.0 * 1024 * 1024;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long t = 0; t < tiles; ++t) {
+        long j = t * NN_COLS;
+        long cols = N - j < NN_COLS ? N - j : NN_COLS;
+        for (long i = 0; i < M; i += NN_ROWS) {
+            long rows = M - i < NN_ROWS ? M - i : NN_ROWS;
+            nn_block(rows, cols, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, stream);
+        }
+    }
+    if (stream) _mm_sfence();
+}
+
+#define NT_ROWS 4   /* rows of G per register tile */
+#define NT_COLS 6   /* rows of E per register tile */
+#define NT_CHUNK 2048
+
+/* Partial sums of G[i..i+4) · E[j..j+6)^T over d in [d0, d1), kept as 16-lane
+ * vectors in acc_out[(i·P_pad + j)·16]. */
+static void nt_chunk(long M, long P, long P_pad, long d0, long d1, const float *G, long ldg,
+                     const float *E, long lde, float *vec)
+{
+    for (long i = 0; i < M; i += NT_ROWS) {
+        const float *g[NT_ROWS];
+        for (int r = 0; r < NT_ROWS; ++r) g[r] = G + (i + r < M ? i + r : M - 1) * ldg;
+        for (long j = 0; j < P; j += NT_COLS) {
+            const float *e[NT_COLS];
+            for (int c = 0; c < NT_COLS; ++c) e[c] = E + (j + c < P ? j + c : P - 1) * lde;
+            __m512 acc[NT_ROWS][NT_COLS];
+            for (int r = 0; r < NT_ROWS; ++r)
+                for (int c = 0; c < NT_COLS; ++c)
+                    acc[r][c] = _mm512_load_ps(vec + ((i + r) * P_pad + j + c) * 16);
+            long d = d0;
+            for (; d + 16 <= d1; d += 16) {
+                __m512 ev[NT_COLS];
+                for (int c = 0; c < NT_COLS; ++c) ev[c] = _mm512_loadu_ps(e[c] + d);
+                for (int r = 0; r < NT_ROWS; ++r) {
+                    __m512 gv = _mm512_loadu_ps(g[r] + d);
+                    for (int c = 0; c < NT_COLS; ++c)
+                        acc[r][c] = _mm512_fmadd_ps(gv, ev[c], acc[r][c]);
+                }
+            }
+            if (d < d1) {
+                __mmask16 m = lane_mask(d1 - d);
+                __m512 ev[NT_COLS];
+                for (int c = 0; c < NT_COLS; ++c) ev[c] = _mm512_maskz_loadu_ps(m, e[c] + d);
+                for (int r = 0; r < NT_ROWS; ++r) {
+                    __m512 gv = _mm512_maskz_loadu_ps(m, g[r] + d);
+                    for (int c = 0; c < NT_COLS; ++c)
+                        acc[r][c] = _mm512_fmadd_ps(gv, ev[c], acc[r][c]);
+                }
+            }
+            for (int r = 0; r < NT_ROWS; ++r)
+                for (int c = 0; c < NT_COLS; ++c)
+                    _mm512_store_ps(vec + ((i + r) * P_pad + j + c) * 16, acc[r][c]);
+        }
+    }
+}
+
+/* Returns 0, or -1 if the workspace could not be allocated (C untouched). */
+int kw_gemm_nt(long M, long P, long D, const float *G, long ldg, const float *E, long lde,
+               float *C, long ldc, int nthreads)
+{
+    if (nthreads < 1) nthreads = 1;
+    long M_pad = (M + NT_ROWS - 1) / NT_ROWS * NT_ROWS;
+    long P_pad = (P + NT_COLS - 1) / NT_COLS * NT_COLS;
+    size_t per_thread = (size_t)M_pad * P_pad * 16;
+    float *work = aligned_alloc(64, per_thread * nthreads * sizeof(float));
+    if (!work) return -1;
+    memset(work, 0, per_thread * nthreads * sizeof(float));
+    long vectors = (D + 15) / 16;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        /* each thread sums its own stretch of D, in L2-sized chunks */
+        long lo = vectors * t / T * 16, hi = vectors * (t + 1) / T * 16;
+        if (hi > D) hi = D;
+        for (long d0 = lo; d0 < hi; d0 += NT_CHUNK) {
+            long d1 = d0 + NT_CHUNK < hi ? d0 + NT_CHUNK : hi;
+            nt_chunk(M, P, P_pad, d0, d1, G, ldg, E, lde, work + per_thread * t);
+        }
+    }
+    for (long i = 0; i < M; ++i)
+        for (long j = 0; j < P; ++j) {
+            __m512 s = _mm512_setzero_ps();
+            for (int t = 0; t < nthreads; ++t)
+                s = _mm512_add_ps(s, _mm512_load_ps(work + per_thread * t + (i * P_pad + j) * 16));
+            C[i * ldc + j] = _mm512_reduce_add_ps(s);
+        }
+    free(work);
+    return 0;
+}
+
+#else /* no AVX-512F: kw_mm uses torch's matmul */
+
+int kw_gemm_available(void) { return 0; }
+void kw_gemm_nn(long M, long N, long K, const float *A, long lda, const float *B, long ldb,
+                float *C, long ldc, int nthreads) { abort(); }
+int kw_gemm_nt(long M, long P, long D, const float *G, long ldg, const float *E, long lde,
+               float *C, long ldc, int nthreads) { abort(); }
+
+#endif

@@ -1,0 +1,170 @@
+"""kw_mm.native: the C kernels for the assembly products, their build and their fallbacks."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from kw_mm import KWConv1d, KWConv2d, KWLinear, native, set_temperature
+
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f'native kernels: {native.status()}')
+
+
+def float64_product(a, b):
+    return (a.double() @ b.double())
+
+
+@needs_native
+@pytest.mark.parametrize('m,k,n', [
+    (1, 1, 1), (5, 3, 100), (6, 47, 64), (7, 47, 130), (13, 72, 1000), (72, 47, 4099),
+    (8, 3, 600_000),  # a 19 MB output: the streaming stores
+])
+def test_gemm_nn_matches_float64(m, k, n):
+    torch.manual_seed(0)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.testing.assert_close(native.gemm_nn(a, b).double(), float64_product(a, b),
+                               rtol=1e-5, atol=1e-5 * math.sqrt(k))
+
+
+@needs_native
+def test_gemm_nn_strided_operands():
+    torch.manual_seed(0)
+    a = torch.randn(9, 60)[:, 3:50]           # leading dimension 60, offset 3
+    b = torch.randn(47, 300)[:, 7:290]        # columns start off any alignment
+    torch.testing.assert_close(native.gemm_nn(a, b).double(), float64_product(a, b),
+                               rtol=1e-5, atol=1e-4)
+    bt = torch.randn(283, 47).t()             # column-major: copied to rows first
+    torch.testing.assert_close(native.gemm_nn(a, bt).double(), float64_product(a, bt),
+                               rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize('threads', [1, 3])
+@pytest.mark.parametrize('m,p,d', [(1, 1, 1), (5, 7, 15), (4, 6, 16), (9, 13, 1000),
+                                   (72, 47, 10_003)])
+def test_gemm_nt_matches_float64(m, p, d, threads):
+    torch.manual_seed(0)
+    g, e = torch.randn(m, d), torch.randn(p, d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.gemm_nt(g, e)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), float64_product(g, e.t()), rtol=1e-5,
+                               atol=1e-5 * math.sqrt(d))
+
+
+@needs_native
+def test_autograd_function_matches_torch():
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 11, requires_grad=True)
+    b = torch.randn(11, 5000, requires_grad=True)
+    weights = torch.randn(3, 4, 5000)
+    grads = []
+    for product in (native.SmallKMatmul.apply, torch.matmul):
+        a.grad = b.grad = None
+        out = product(a.reshape(12, 11), b).view(3, 4, 5000)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), a.grad, b.grad))
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
+
+
+LAYERS = {
+    'dense3x3': (lambda: KWConv2d(8, 16, 3, padding=1), (8, 7, 7)),
+    'pointwise': (lambda: KWConv2d(16, 32, 1, stride=2), (16, 7, 7)),
+    'depthwise': (lambda: KWConv2d(16, 16, 3, padding=1, groups=16), (16, 6, 6)),
+    'whole-kernels': (lambda: KWConv2d(8, 16, 3, padding=1, budget=2, kernel_partition=False),
+                      (8, 6, 6)),
+    'conv1d': (lambda: KWConv1d(4, 8, 3, padding=1), (4, 11)),
+    'linear': (lambda: KWLinear(24, 12), (24,)),
+}
+
+
+@needs_native
+@pytest.mark.parametrize('recompute', [False, True])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('name', sorted(LAYERS))
+def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monkeypatch):
+    make, shape = LAYERS[name]
+    calls = []
+    gemm_nn = native.gemm_nn
+    monkeypatch.setattr(native, 'gemm_nn', lambda *a: calls.append(1) or gemm_nn(*a))
+    results = []
+    for min_macs in (float('inf'), 0):  # torch.matmul, then the C kernels
+        monkeypatch.setattr(native, 'MIN_MACS', min_macs)
+        torch.manual_seed(0)
+        layer = make().train()
+        layer.recompute_kernels = recompute
+        set_temperature(layer, 0.3)
+        x = torch.randn(batch, *shape, requires_grad=True)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert calls, 'the C kernels were not used'
+    for fast, ref in zip(*results):
+        assert (fast is None) == (ref is None)
+        if fast is not None:
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_not_used_for_float64_autocast_or_small_products(monkeypatch):
+    def fail(*args):
+        raise AssertionError('the C kernels ran')
+    monkeypatch.setattr(native, 'gemm_nn', fail)
+    a, b = torch.randn(72, 47), torch.randn(47, 262_144)
+    native.matmul(a.double(), b.double())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        native.matmul(a, b)
+    native.matmul(a[:2, :3], b[:3, :100])  # below MIN_MACS
+    with pytest.raises(AssertionError, match='C kernels ran'):
+        native.matmul(a, b)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv('KW_MM_NATIVE', '0')
+    monkeypatch.setattr(native, '_loaded', None)
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    assert not native.available() and 'KW_MM_NATIVE=0' in native.status()
+    a, b = torch.randn(6, 5), torch.randn(5, 300)
+    torch.testing.assert_close(native.matmul(a, b), a @ b)
+    with pytest.raises(RuntimeError, match='not in use'):
+        native.gemm_nn(a, b)
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
+    monkeypatch.setenv('KW_MM_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.delenv('KW_MM_NATIVE', raising=False)
+    monkeypatch.setattr(native, '_loaded', None)
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    a, b = torch.randn(6, 5), torch.randn(5, 300)
+    with pytest.warns(RuntimeWarning, match='no-such-cc'):
+        out = native.matmul(a, b)
+    torch.testing.assert_close(out, a @ b)
+    assert native.status().startswith('unavailable')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        native.matmul(a, b)  # no second warning
+
+
+def test_failed_build_leaves_no_file(monkeypatch, tmp_path):
+    monkeypatch.setenv('CC', 'false')  # a "compiler" that exits with status 1
+    with pytest.raises(RuntimeError, match='exit status 1'):
+        native.build(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+@needs_native
+def test_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv('CC', raising=False)
+    first = native.build(tmp_path)
+    assert native.build(tmp_path) == first  # cached: not rebuilt
+    assert sorted(os.listdir(tmp_path)) == [first.name]  # no temporary left behind
+    monkeypatch.setattr(native, '_cpu_flags', lambda: 'flags: another cpu')
+    second = native.build(tmp_path)  # another CPU: built again beside the first
+    assert second != first and sorted(os.listdir(tmp_path)) == sorted([first.name, second.name])
