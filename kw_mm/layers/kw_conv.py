@@ -224,12 +224,15 @@ class _KWConvNd(_KWLayer):
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
             out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
-        elif not x.is_cuda:  # CPU: per sample, kernels reordered one at a time (per_sample.py)
+        elif not x.is_cuda and self.in_channels != self.groups:
+            # CPU, dense or grouped: per sample, kernels reordered one at a time (per_sample.py);
+            # depth-wise ones run fastest as one convolution with B× the groups (below)
             x = self._per_sample_input(x)
             out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
                                     make=self.mix_cells)
         else:
-            out = self._with_kernel(alpha, lambda w: self._batched_conv(x, w.flatten(0, 1)))
+            out = self._with_kernel(alpha, lambda w: self._batched_conv(x, w),
+                                    make=self._batched_kernel)
         if bias is not None:
             out = out + bias.view(1, -1, *([1] * self.ndim))
         return out
@@ -250,6 +253,11 @@ class _KWConvNd(_KWLayer):
         out = torch.bmm(weight.view(batch, self.out_channels, self.in_channels),
                         x.reshape(batch, self.in_channels, -1))
         return out.view(batch, self.out_channels, *x.shape[2:])
+
+    def _batched_kernel(self, alpha: torch.Tensor) -> torch.Tensor:
+        # flattened here, not in _batched_conv: where flattening copies, the copy is
+        # what the convolution keeps, so it is what recompute_kernels must rebuild
+        return self.assemble_kernel(alpha).flatten(0, 1)
 
     def _batched_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # The usual dynamic-convolution trick: one grouped convolution whose

@@ -24,9 +24,6 @@
 
 int kw_gemm_available(void) { return 1; }
 
-#define NN_ROWS 6
-#define NN_COLS 64 /* four 16-float vectors */
-
 static inline __mmask16 lane_mask(long remaining)
 {
     if (remaining >= 16) return (__mmask16)0xFFFF;
@@ -34,42 +31,61 @@ static inline __mmask16 lane_mask(long remaining)
     return (__mmask16)((1u << remaining) - 1u);
 }
 
-/* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ 6, cols ≤ 64. Missing rows
- * read the last valid row of A and are not stored. */
+/* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ R, cols ≤ 16·V, the
+ * R × V accumulators in registers (R and V are constants once inlined:
+ * 6 × 4 or 8 × 3, 24 accumulators either way). Missing rows read the last
+ * valid row of A and are not stored. */
 static inline __attribute__((always_inline)) void
-nn_block(long rows, long cols, long K, const float *A, long lda, const float *B, long ldb,
-         float *C, long ldc, int stream)
+nn_block(const int R, const int V, long rows, long cols, long K, const float *A, long lda,
+         const float *B, long ldb, float *C, long ldc, int stream)
 {
-    const float *a[NN_ROWS];
-    for (int r = 0; r < NN_ROWS; ++r) a[r] = A + (r < rows ? r : rows - 1) * lda;
-    __mmask16 m0 = lane_mask(cols), m1 = lane_mask(cols - 16),
-              m2 = lane_mask(cols - 32), m3 = lane_mask(cols - 48);
-    __m512 acc[NN_ROWS][4];
-    for (int r = 0; r < NN_ROWS; ++r)
-        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    const float *a[8];
+    for (int r = 0; r < R; ++r) a[r] = A + (r < rows ? r : rows - 1) * lda;
+    __mmask16 m[4];
+    for (int v = 0; v < V; ++v) m[v] = lane_mask(cols - 16 * v);
+    __m512 acc[8][4];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
     for (long k = 0; k < K; ++k) {
         const float *b = B + k * ldb;
-        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16),
-               b2 = _mm512_maskz_loadu_ps(m2, b + 32), b3 = _mm512_maskz_loadu_ps(m3, b + 48);
-        for (int r = 0; r < NN_ROWS; ++r) {
+        __m512 bv[4];
+        for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
+        for (int r = 0; r < R; ++r) {
             __m512 s = _mm512_set1_ps(a[r][k]);
-            acc[r][0] = _mm512_fmadd_ps(s, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(s, b1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(s, b2, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(s, b3, acc[r][3]);
+            for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(s, bv[v], acc[r][v]);
         }
     }
-    for (int r = 0; r < NN_ROWS; ++r) {
+    for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
         float *c = C + r * ldc;
-        if (stream && cols == NN_COLS && ((uintptr_t)c & 63) == 0) {
+        if (stream && cols == 16 * V && ((uintptr_t)c & 63) == 0) {
             /* large outputs bypass the cache: no read-for-ownership of lines we overwrite */
-            for (int v = 0; v < 4; ++v) _mm512_stream_ps(c + 16 * v, acc[r][v]);
+            for (int v = 0; v < V; ++v) _mm512_stream_ps(c + 16 * v, acc[r][v]);
         } else {
-            _mm512_mask_storeu_ps(c, m0, acc[r][0]);
-            _mm512_mask_storeu_ps(c + 16, m1, acc[r][1]);
-            _mm512_mask_storeu_ps(c + 32, m2, acc[r][2]);
-            _mm512_mask_storeu_ps(c + 48, m3, acc[r][3]);
+            for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(c + 16 * v, m[v], acc[r][v]);
+        }
+    }
+}
+
+/* All of C in tiles of 8 × 48 (tall) or 6 × 64; the literal shapes inside the
+ * parallel loop keep the accumulators in registers. */
+static void nn_tiles(int tall, long M, long N, long K, const float *A, long lda,
+                     const float *B, long ldb, float *C, long ldc, int stream, int nthreads)
+{
+    const long R = tall ? 8 : 6, width = tall ? 48 : 64;
+    long tiles = (N + width - 1) / width;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long t = 0; t < tiles; ++t) {
+        long j = t * width;
+        long cols = N - j < width ? N - j : width;
+        for (long i = 0; i < M; i += R) {
+            long rows = M - i < R ? M - i : R;
+            if (tall)
+                nn_block(8, 3, rows, cols, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j,
+                         ldc, stream);
+            else
+                nn_block(6, 4, rows, cols, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j,
+                         ldc, stream);
         }
     }
 }
@@ -77,18 +93,11 @@ nn_block(long rows, long cols, long K, const float *A, long lda, const float *B,
 void kw_gemm_nn(long M, long N, long K, const float *A, long lda, const float *B, long ldb,
                 float *C, long ldc, int nthreads)
 {
-    long tiles = (N + NN_COLS - 1) / NN_COLS;
     /* an output larger than a typical L3 share is not read back soon enough to keep */
     int stream = (double)M * (double)N * 4.0 > 16.0 * 1024 * 1024;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long t = 0; t < tiles; ++t) {
-        long j = t * NN_COLS;
-        long cols = N - j < NN_COLS ? N - j : NN_COLS;
-        for (long i = 0; i < M; i += NN_ROWS) {
-            long rows = M - i < NN_ROWS ? M - i : NN_ROWS;
-            nn_block(rows, cols, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, stream);
-        }
-    }
+    /* the row height that computes the fewest padding rows (B·m is often a multiple of 8) */
+    long pad6 = (M + 5) / 6 * 6, pad8 = (M + 7) / 8 * 8;
+    nn_tiles(pad8 <= pad6, M, N, K, A, lda, B, ldb, C, ldc, stream, nthreads);
     if (stream) _mm_sfence();
 }
 

@@ -36,8 +36,11 @@ def run(name, recompute, batch):
             return result
         return wrapper
     # the CPU per-sample path keeps the mixtures, the others the reordered kernel
+    # (the grouped-convolution path: flattened over the batch)
     layer.mix_cells = recording(layer.mix_cells)
     layer.assemble_kernel = recording(layer.assemble_kernel)
+    if hasattr(layer, '_batched_kernel'):
+        layer._batched_kernel = recording(layer._batched_kernel)
     out = layer(x)
     gc.collect()
     # is any of the forward's kernels alive until backward?

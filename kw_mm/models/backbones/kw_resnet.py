@@ -40,8 +40,9 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(self.drop_path(out) + identity)
+        out = self.drop_path(self.bn2(self.conv2(out)))
+        out += identity  # in place, as mmpretrain's blocks: no new block-sized tensor
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -72,8 +73,9 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(self.drop_path(out) + identity)
+        out = self.drop_path(self.bn3(self.conv3(out)))
+        out += identity
+        return self.relu(out)
 
 
 def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 64,
