@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name('kw_gemm.c')
 FLAGS = ('-O3', '-march=native', '-fopenmp', '-shared', '-fPIC')
@@ -38,6 +38,10 @@ FLAGS = ('-O3', '-march=native', '-fopenmp', '-shared', '-fPIC')
 #: Products with fewer multiply-adds (M·K·N) than this use torch.matmul: there
 #: the call overheads are as large as what the kernels save.
 MIN_MACS = 1 << 21
+
+#: ``kw_gemm_nt`` keeps per-thread partial sums of 16 floats per output element;
+#: larger products use torch.matmul rather than allocate more than this.
+NT_WORKSPACE_BYTES = 64 << 20
 
 _lock = threading.Lock()
 _loaded: Optional[Tuple[Optional[ctypes.CDLL], str]] = None
@@ -71,7 +75,7 @@ def build(folder: Optional[Path] = None) -> Path:
     """
     folder = Path(folder) if folder is not None else cache_dir()
     cc = os.environ.get('CC', 'cc')
-    command = (cc, *FLAGS)
+    command = (*shlex.split(cc), *FLAGS)
     key = hashlib.sha256(SOURCE.read_bytes() + ' '.join(command).encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     target = folder / f'kw_gemm-{key}.so'
@@ -83,12 +87,13 @@ def build(folder: Optional[Path] = None) -> Path:
     try:
         try:
             proc = subprocess.run([*command, str(SOURCE), '-o', tmp], capture_output=True,
-                                  text=True, timeout=300)
+                                  text=True, errors='replace', timeout=300)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise RuntimeError(f'could not run the C compiler {cc!r} (set CC): {err}') from err
         if proc.returncode != 0:
             raise RuntimeError(f'{" ".join(command)} failed with exit status {proc.returncode}:\n'
                                + (proc.stderr or proc.stdout)[-2000:])
+        os.chmod(tmp, 0o755)  # mkstemp made it private; the cache may be shared
         os.replace(tmp, target)  # atomic: other processes see no file or the whole file
     finally:
         if os.path.exists(tmp):
@@ -98,7 +103,7 @@ def build(folder: Optional[Path] = None) -> Path:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    i64, ptr = ctypes.c_long, ctypes.c_void_p
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kw_gemm_available.restype = ctypes.c_int
     lib.kw_gemm_available.argtypes = []
     lib.kw_gemm_nn.restype = None  # a None result reads as "not failed"
@@ -152,7 +157,13 @@ def usable(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
             and not torch.is_autocast_enabled('cpu')
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev, ...
             and _library() is not None)
+
+
+def _nt_fits(rows: int, cols: int) -> bool:
+    padded = -(-rows // 4) * 4 * (-(-cols // 6) * 6)  # the kernel's 4 × 6 register tiles
+    return padded * 16 * 4 * torch.get_num_threads() <= NT_WORKSPACE_BYTES
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -167,6 +178,8 @@ def _product(kernel: str, x: torch.Tensor, y: torch.Tensor, cols: int) -> torch.
         raise RuntimeError(f'the native kernels are not in use: {status()}')
     x, y = _rows(x), _rows(y)
     out = torch.empty(x.shape[0], cols, dtype=torch.float32)
+    if out.numel() == 0 or x.shape[1] == 0:
+        return out.zero_()
     failed = getattr(lib, 'kw_gemm_' + kernel)(
         x.shape[0], cols, x.shape[1], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
         out.data_ptr(), out.stride(0), torch.get_num_threads())
@@ -175,31 +188,60 @@ def _product(kernel: str, x: torch.Tensor, y: torch.Tensor, cols: int) -> torch.
     return out
 
 
+def _check(name: str, x: torch.Tensor, y: torch.Tensor, x_dim: int, y_dim: int) -> None:
+    for label, t in (('first', x), ('second', y)):
+        if t.dim() != 2 or t.dtype != torch.float32 or t.device.type != 'cpu':
+            raise ValueError(f'{name}: the {label} operand must be a float32 CPU matrix, got '
+                             f'{t.dtype} {t.device.type} of shape {tuple(t.shape)}')
+    if x.shape[x_dim] != y.shape[y_dim]:
+        raise ValueError(f'{name}: inner dimensions differ, shapes {tuple(x.shape)} and '
+                         f'{tuple(y.shape)}')
+
+
 def gemm_nn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for float32 CPU matrices ``a [M, K]``, ``b [K, N]`` (no autograd)."""
+    _check('gemm_nn', a, b, 1, 0)
     return _product('nn', a, b, b.shape[1])
 
 
 def gemm_nt(g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``g @ e.T`` for float32 CPU matrices ``g [M, D]``, ``e [P, D]`` (no autograd)."""
+    _check('gemm_nt', g, e, 1, 1)
     return _product('nt', g, e, e.shape[0])
 
 
 class SmallKMatmul(torch.autograd.Function):
-    """``a @ b`` (``a [M, K]`` short, ``b [K, N]`` long) with native forward and backward."""
+    """``a @ b`` (``a [M, K]`` short, ``b [K, N]`` long) with native forward and backward.
+
+    A backward that builds a graph (``create_graph=True``) uses torch's
+    products, so higher derivatives work; forward-mode AD has a ``jvp``.
+    """
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
+        ctx.save_for_forward(a, b)
         return gemm_nn(a, b)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
-        grad_a = gemm_nt(grad, b) if ctx.needs_input_grad[0] else None
-        grad_b = gemm_nn(a.t().contiguous(), grad) if ctx.needs_input_grad[1] else None
+        need_a, need_b = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # differentiating the backward itself
+            return (grad @ b.t() if need_a else None), (a.t() @ grad if need_b else None)
+        grad_a = None
+        if need_a:
+            grad_a = gemm_nt(grad, b) if _nt_fits(a.shape[0], a.shape[1]) else grad @ b.t()
+        grad_b = gemm_nn(a.t().contiguous(), grad) if need_b else None
         return grad_a, grad_b
+
+    @staticmethod
+    def jvp(ctx, tangent_a: Optional[torch.Tensor], tangent_b: Optional[torch.Tensor]):
+        a, b = ctx.saved_tensors
+        out = None if tangent_a is None else tangent_a @ b
+        if tangent_b is not None:
+            out = a @ tangent_b if out is None else out + a @ tangent_b
+        return out
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -207,6 +249,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     :func:`usable`, else ``torch.matmul``."""
     lead, k = a.shape[:-1], a.shape[-1]
     rows = a.numel() // max(k, 1)
-    if a.dim() < 2 or b.dim() != 2 or not usable(a, b, rows * k * b.shape[1]):
+    if (a.dim() < 2 or b.dim() != 2 or k != b.shape[0]  # torch.matmul raises its own error
+            or not usable(a, b, rows * k * b.shape[1])):
         return torch.matmul(a, b)
     return SmallKMatmul.apply(a.reshape(rows, k), b).view(*lead, b.shape[1])

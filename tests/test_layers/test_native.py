@@ -165,6 +165,54 @@ def test_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     first = native.build(tmp_path)
     assert native.build(tmp_path) == first  # cached: not rebuilt
     assert sorted(os.listdir(tmp_path)) == [first.name]  # no temporary left behind
+    assert first.stat().st_mode & 0o055 == 0o055  # readable by all: the cache may be shared
     monkeypatch.setattr(native, '_cpu_flags', lambda: 'flags: another cpu')
     second = native.build(tmp_path)  # another CPU: built again beside the first
     assert second != first and sorted(os.listdir(tmp_path)) == sorted([first.name, second.name])
+
+
+@needs_native
+def test_mismatched_shapes_raise():
+    with pytest.raises(ValueError, match='inner dimensions differ'):
+        native.gemm_nn(torch.randn(100, 4), torch.randn(8, 10_000))
+    with pytest.raises(ValueError, match='inner dimensions differ'):
+        native.gemm_nt(torch.randn(100, 5000), torch.randn(4, 3000))
+    with pytest.raises(ValueError, match='float32 CPU matrix'):
+        native.gemm_nn(torch.randn(3, 4).double(), torch.randn(4, 5))
+    with pytest.raises(RuntimeError):  # torch.matmul's own error
+        native.matmul(torch.randn(100, 4), torch.randn(8, 10_000))
+
+
+@needs_native
+def test_higher_order_and_forward_mode_derivatives(monkeypatch):
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    torch.manual_seed(0)
+    a = torch.randn(6, 5, requires_grad=True)
+    b = torch.randn(5, 300, requires_grad=True)
+    results = []
+    for product in (native.matmul, torch.matmul):
+        grad_a, = torch.autograd.grad(product(a, b).square().sum(), a, create_graph=True)
+        second = torch.autograd.grad(grad_a.square().sum(), (a, b))
+        results.append((grad_a.detach(), *second))
+    for fast, ref in zip(*results):  # sums of 300 products: float32 rounding ~1e-5
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    ta, tb = torch.randn_like(a), torch.randn_like(b)
+    _, jvp_native = torch.func.jvp(native.matmul, (a.detach(), b.detach()), (ta, tb))
+    _, jvp_torch = torch.func.jvp(torch.matmul, (a.detach(), b.detach()), (ta, tb))
+    torch.testing.assert_close(jvp_native, jvp_torch, rtol=1e-5, atol=1e-4)
+    batched = torch.func.vmap(native.matmul, in_dims=(0, None))(torch.randn(3, 6, 5), b)
+    assert batched.shape == (3, 6, 300)
+
+
+@needs_native
+def test_large_attention_gradients_fall_back_to_torch(monkeypatch):
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native, 'NT_WORKSPACE_BYTES', 0)
+
+    def fail(*args):
+        raise AssertionError('kw_gemm_nt ran')
+    monkeypatch.setattr(native, 'gemm_nt', fail)
+    a = torch.randn(6, 5, requires_grad=True)
+    b = torch.randn(5, 300)
+    native.matmul(a, b).sum().backward()
+    torch.testing.assert_close(a.grad, b.sum(1).expand(6, 5))
