@@ -12,8 +12,8 @@ into a cache folder (``$KW_MM_CACHE_DIR``, else ``~/.cache/kw_mm``) the first
 time a KW layer runs on CPU, keyed by the source, the compiler command and
 the CPU's feature flags; the file appears atomically, so concurrent processes
 are safe. Where it cannot be used (no compiler, no AVX-512F, not float32,
-autocast, tracing or export) kw_mm computes the same products with
-``torch.matmul``; :func:`status` says which and why, and a failed compile
+products under :data:`MIN_MACS`, autocast, tracing, export or functorch
+transforms) kw_mm computes the same products with ``torch.matmul``; :func:`status` says which and why, and a failed compile
 warns once. ``KW_MM_NATIVE=0`` turns the kernels off.
 """
 from __future__ import annotations
@@ -113,13 +113,18 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _library() -> Optional[ctypes.CDLL]:
+def _state() -> Tuple[Optional[ctypes.CDLL], str]:
+    """(the loaded library or None, why), loaded once per process."""
     global _loaded
     if _loaded is None:
         with _lock:
             if _loaded is None:
                 _loaded = _load()
-    return _loaded[0]
+    return _loaded
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    return _state()[0]
 
 
 def _load() -> Tuple[Optional[ctypes.CDLL], str]:
@@ -140,8 +145,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
 
 def status() -> str:
     """Whether the native kernels are in use, and if not, why."""
-    _library()
-    return _loaded[1] if _loaded is not None else 'not loaded'
+    return _state()[1]
 
 
 def available() -> bool:
