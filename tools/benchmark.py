@@ -257,5 +257,6 @@ def main(argv=None):
                  + '\n'.join(format_row(r) for r in rows) + '\n')
         write_atomically(args.markdown, lambda f: f.write(table.encode()))
 
+
 if __name__ == '__main__':
     main()

@@ -14,8 +14,9 @@ gradient in the warehouse's layout. The arithmetic is the same as
 convolving each sample with its assembled kernel
 (:meth:`~kw_mm.layers.kw_conv._KWConvNd.reference_forward`).
 
-On CPU, oneDNN runs B ordinary convolutions faster than one convolution with
-``B ×`` the groups (the usual dynamic-convolution trick, kept for CUDA).
+On CPU, oneDNN runs B ordinary dense convolutions faster than one convolution
+with ``B ×`` the groups (the usual dynamic-convolution trick, kept for CUDA and
+for depth-wise convolutions, where the grouped form is the faster one).
 """
 from __future__ import annotations
 
