@@ -246,12 +246,13 @@ class _KWConvNd(_KWLayer):
 
     def _pointwise_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # y_b = W_b @ x_b over flattened positions: one batched matmul, no
-        # per-call weight reordering as a convolution backend would do.
+        # per-call weight reordering as a convolution backend would do (the
+        # native kernel on CPU where it applies, see kw_mm/native).
         if self.stride != (1,) * self.ndim:
             x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
         batch = x.shape[0]
-        out = torch.bmm(weight.view(batch, self.out_channels, self.in_channels),
-                        x.reshape(batch, self.in_channels, -1))
+        out = native.bmm(weight.view(batch, self.out_channels, self.in_channels),
+                         x.reshape(batch, self.in_channels, -1))
         return out.view(batch, self.out_channels, *x.shape[2:])
 
     def _batched_kernel(self, alpha: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,11 @@ A KW layer assembles its kernels with matrix products whose inner dimension
 is short (the warehouse's ``n`` cells, or the ``B·m`` mixtures in the cell
 gradient) and whose outer one is a cell's numel (262,144 in ResNet50's last
 stage). MKL runs those at a third of its usual speed on this project's
-reference CPU; ``kw_gemm.c`` has two kernels written for exactly these
-shapes (AVX-512, float32, OpenMP over torch's own thread count).
+reference CPU; ``kw_gemm.c`` has kernels written for exactly these shapes
+(AVX-512, float32, OpenMP over torch's own thread count). The same
+register-tiled product, batched, runs the 1×1 KW convolutions (each sample's
+kernel times its input, :func:`bmm`): faster there than MKL's batched
+product and than oneDNN's 1×1 convolution on that CPU.
 
 The C file is compiled with the system C compiler (``$CC``, else ``cc``)
 into a cache folder (``$KW_MM_CACHE_DIR``, else ``~/.cache/kw_mm``) the first
@@ -13,7 +16,8 @@ time a KW layer runs on CPU, keyed by the source, the compiler command and
 the CPU's feature flags; the file appears atomically, so concurrent processes
 are safe. Where it cannot be used (no compiler, no AVX-512F, not float32,
 products under :data:`MIN_MACS`, autocast, tracing, export or functorch
-transforms) kw_mm computes the same products with ``torch.matmul``; :func:`status` says which and why, and a failed compile
+transforms) kw_mm computes the same products with ``torch.matmul`` /
+``torch.bmm``; :func:`status` says which and why, and a failed compile
 warns once. ``KW_MM_NATIVE=0`` turns the kernels off.
 """
 from __future__ import annotations
@@ -108,6 +112,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_gemm_available.argtypes = []
     lib.kw_gemm_nn.restype = None  # a None result reads as "not failed"
     lib.kw_gemm_nn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
+    lib.kw_gemm_nn_batched.restype = None
+    lib.kw_gemm_nn_batched.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64,
+                                       ptr, i64, i64, ctypes.c_int]
     lib.kw_gemm_nt.restype = ctypes.c_int
     lib.kw_gemm_nt.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
     return lib
@@ -175,6 +182,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
 
 
+def _batch_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [S, R, C]`` as matrices with unit column stride (a copy only if needed)."""
+    if t.stride(2) == 1 and t.stride(1) >= t.shape[2]:
+        return t
+    return t.contiguous()
+
+
 def _product(kernel: str, x: torch.Tensor, y: torch.Tensor, cols: int) -> torch.Tensor:
     """Run ``kw_gemm_<kernel>(rows, cols, inner, x, ldx, y, ldy, out, ldout, threads)``."""
     lib = _library()
@@ -208,44 +222,125 @@ def gemm_nn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _product('nn', a, b, b.shape[1])
 
 
+def gemm_nn_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` for float32 CPU tensors ``a [S, M, K]``, ``b [S, K, N]`` (no autograd).
+
+    ``a`` may be a transposed view: each matrix needs a unit stride along
+    either dimension, ``b`` along its rows.
+    """
+    for label, t in (('first', a), ('second', b)):
+        if t.dim() != 3 or t.dtype != torch.float32 or t.device.type != 'cpu':
+            raise ValueError(f'gemm_nn_batched: the {label} operand must be a 3-D float32 CPU '
+                             f'tensor, got {t.dtype} {t.device.type} of shape {tuple(t.shape)}')
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f'gemm_nn_batched: shapes {tuple(a.shape)} and {tuple(b.shape)} do not '
+                         f'multiply as batches of matrices')
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f'the native kernels are not in use: {status()}')
+    if not (a.stride(2) == 1 or a.stride(1) == 1):  # rows or columns of A may be strided
+        a = a.contiguous()
+    b = _batch_rows(b)
+    batch, rows, inner = a.shape
+    out = torch.empty(batch, rows, b.shape[2], dtype=torch.float32)
+    if out.numel() == 0 or inner == 0:
+        return out.zero_()
+    lib.kw_gemm_nn_batched(batch, rows, b.shape[2], inner, a.data_ptr(), a.stride(0), a.stride(1),
+                           a.stride(2), b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(), out.stride(0),
+                           out.stride(1), torch.get_num_threads())
+    return out
+
+
 def gemm_nt(g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``g @ e.T`` for float32 CPU matrices ``g [M, D]``, ``e [P, D]`` (no autograd)."""
     _check('gemm_nt', g, e, 1, 1)
     return _product('nt', g, e, e.shape[0])
 
 
-class SmallKMatmul(torch.autograd.Function):
+class _NativeProduct(torch.autograd.Function):
+    """``product(a, b)`` (a native ``a @ b``); subclasses give the backward.
+    Forward-mode AD goes through torch's products."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, product) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.save_for_forward(a, b)
+        return product(a, b)
+
+    @staticmethod
+    def jvp(ctx, tangent_a: Optional[torch.Tensor], tangent_b: Optional[torch.Tensor], _=None):
+        a, b = ctx.saved_tensors
+        out = None if tangent_a is None else tangent_a @ b
+        if tangent_b is not None:
+            out = a @ tangent_b if out is None else out + a @ tangent_b
+        return out
+
+
+class SmallKMatmul(_NativeProduct):
     """``a @ b`` (``a [M, K]`` short, ``b [K, N]`` long) with native forward and backward.
 
     A backward that builds a graph (``create_graph=True``) uses torch's
     products, so higher derivatives work; forward-mode AD has a ``jvp``.
+    Called as ``SmallKMatmul.apply(a, b, gemm_nn)``.
     """
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        ctx.save_for_forward(a, b)
-        return gemm_nn(a, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # differentiating the backward itself
-            return (grad @ b.t() if need_a else None), (a.t() @ grad if need_b else None)
+            return (grad @ b.t() if need_a else None), (a.t() @ grad if need_b else None), None
         grad_a = None
         if need_a:
             grad_a = gemm_nt(grad, b) if _nt_fits(a.shape[0], a.shape[1]) else grad @ b.t()
         grad_b = gemm_nn(a.t().contiguous(), grad) if need_b else None
-        return grad_a, grad_b
+        return grad_a, grad_b, None
+
+
+#: In :class:`BatchedMatmul`'s backward, ``aᵀ @ grad`` (``[K, N]``, inner
+#: dimension ``M``) takes the native kernel with ``aᵀ`` read in place for
+#: ``N ≥`` this, and as ``(gradᵀ @ a)ᵀ`` for ``N ≤`` :data:`SWAP_MAX_COLS`.
+#: In between, and for ``grad @ bᵀ`` (inner dimension ``N``), MKL was faster
+#: on the reference CPU (tools/benchmark.py; an AVX-512 AMD EPYC).
+TRANSPOSED_MIN_COLS = 2048
+SWAP_MAX_COLS = 256
+
+
+def _grad_of_b(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``aᵀ @ grad`` for ``a [S, M, K]``, ``grad [S, M, N]``."""
+    cols = grad.shape[2]
+    if torch.is_grad_enabled() or not usable(a, grad, a.numel() * cols):
+        return torch.bmm(a.transpose(1, 2), grad)
+    if cols >= TRANSPOSED_MIN_COLS:
+        return gemm_nn_batched(a.transpose(1, 2), grad)
+    if cols <= SWAP_MAX_COLS:  # the transposed operand is the short one: strides stay small
+        return gemm_nn_batched(grad.transpose(1, 2), a).transpose(1, 2)
+    return torch.bmm(a.transpose(1, 2), grad)
+
+
+class BatchedMatmul(_NativeProduct):
+    """``torch.bmm(a, b)`` with the native kernel in forward and (by shape) for ``b``'s gradient.
+
+    ``a``'s gradient (``grad @ bᵀ``, inner dimension ``N``) stays with torch.
+    A backward that builds a graph uses torch's products throughout.
+    Called as ``BatchedMatmul.apply(a, b, gemm_nn_batched)``.
+    """
 
     @staticmethod
-    def jvp(ctx, tangent_a: Optional[torch.Tensor], tangent_b: Optional[torch.Tensor]):
+    def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
-        out = None if tangent_a is None else tangent_a @ b
-        if tangent_b is not None:
-            out = a @ tangent_b if out is None else out + a @ tangent_b
-        return out
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad_a = torch.bmm(grad, b.transpose(1, 2)) if need_a else None
+        grad_b = _grad_of_b(a, grad) if need_b else None
+        return grad_a, grad_b, None
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)``: native where :func:`usable`, else torch's."""
+    if (a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]
+            or not usable(a, b, a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])):
+        return torch.bmm(a, b)  # raises its own error for bad shapes
+    return BatchedMatmul.apply(a, b, gemm_nn_batched)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -256,4 +351,4 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if (a.dim() < 2 or b.dim() != 2 or k != b.shape[0]  # torch.matmul raises its own error
             or not usable(a, b, rows * k * b.shape[1])):
         return torch.matmul(a, b)
-    return SmallKMatmul.apply(a.reshape(rows, k), b).view(*lead, b.shape[1])
+    return SmallKMatmul.apply(a.reshape(rows, k), b, gemm_nn).view(*lead, b.shape[1])

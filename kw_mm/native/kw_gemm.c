@@ -3,9 +3,12 @@
  * A KW layer's kernel assembly is a product with a short inner dimension
  * (the warehouse's n cells, or B·m mixtures in the cell gradient) and a very
  * long outer one (a cell's numel: 262,144 in ResNet50's last stage), which
- * general-purpose BLAS kernels tile poorly. The two shapes here:
+ * general-purpose BLAS kernels tile poorly. The shapes here:
  *
  *   kw_gemm_nn: C[M,N] = A[M,K] · B[K,N]      (mixtures, cell gradient)
+ *   kw_gemm_nn_batched: the same for a batch of independent products
+ *                       (a 1×1 KW convolution: each sample's kernel times
+ *                       its input; A may be read transposed)
  *   kw_gemm_nt: C[M,P] = G[M,D] · E[P,D]^T    (attention gradient)
  *
  * All matrices are row-major with unit column stride and a leading dimension.
@@ -32,16 +35,17 @@ static inline __mmask16 lane_mask(int64_t remaining)
 }
 
 /* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ R, cols ≤ 16·V, the
- * R × V accumulators in registers (R and V are constants once inlined:
- * 6 × 4 or 8 × 3, 24 accumulators either way). Missing rows read the last
- * valid row of A and are not stored. */
+ * R × V accumulators in registers (R and V are constants once inlined: at
+ * most 8 × 3 or 6 × 4, 24 accumulators). A[r, k] is at A + r·ars + k·aks
+ * (aks = 1 for a row-major A, ars = 1 for a transposed one). Missing rows
+ * read the last valid row of A and are not stored. */
 static inline __attribute__((always_inline)) void
 nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
-         const float *A, int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
-         int stream)
+         const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb, float *C,
+         int64_t ldc, int stream)
 {
     const float *a[8];
-    for (int r = 0; r < R; ++r) a[r] = A + (r < rows ? r : rows - 1) * lda;
+    for (int r = 0; r < R; ++r) a[r] = A + (r < rows ? r : rows - 1) * ars;
     __mmask16 m[4];
     for (int v = 0; v < V; ++v) m[v] = lane_mask(cols - 16 * v);
     __m512 acc[8][4];
@@ -52,7 +56,7 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
         __m512 bv[4];
         for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
         for (int r = 0; r < R; ++r) {
-            __m512 s = _mm512_set1_ps(a[r][k]);
+            __m512 s = _mm512_set1_ps(a[r][k * aks]);
             for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(s, bv[v], acc[r][v]);
         }
     }
@@ -68,28 +72,81 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
     }
 }
 
-/* All of C in tiles of 8 × 48 (tall) or 6 × 64; the literal shapes inside the
- * parallel loop keep the accumulators in registers. */
-static void nn_tiles(int tall, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                     const float *B, int64_t ldb, float *C, int64_t ldc, int stream, int nthreads)
+/* One column tile [j, j+cols) of C against rows [i0, i1), in register tiles of
+ * 8 × 3 vectors (tall, 48 wide) or 6 × 4 (wide, 64 wide); a narrower tail tile
+ * runs with fewer vectors. The literal shapes keep the accumulators in
+ * registers; a row-major A (aks = 1) gets its own specialisation. */
+#define NN_BLOCK(R, V) \
+    (aks == 1 ? nn_block(R, V, rows, cols, K, a, ars, 1, b, ldb, c, ldc, stream) \
+              : nn_block(R, V, rows, cols, K, a, ars, aks, b, ldb, c, ldc, stream))
+static inline void nn_strip(int tall, int64_t i0, int64_t i1, int64_t j, int64_t cols, int64_t K,
+                            const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb,
+                            float *C, int64_t ldc, int stream)
 {
+    const int64_t R = tall ? 8 : 6;
+    int vectors = (int)((cols + 15) / 16);
+    for (int64_t i = i0; i < i1; i += R) {
+        int64_t rows = i1 - i < R ? i1 - i : R;
+        const float *a = A + i * ars;
+        const float *b = B + j;
+        float *c = C + i * ldc + j;
+        if (tall) {
+            if (vectors == 3) NN_BLOCK(8, 3);
+            else if (vectors == 2) NN_BLOCK(8, 2);
+            else NN_BLOCK(8, 1);
+        } else {
+            if (vectors == 4) NN_BLOCK(6, 4);
+            else if (vectors == 3) NN_BLOCK(6, 3);
+            else if (vectors == 2) NN_BLOCK(6, 2);
+            else NN_BLOCK(6, 1);
+        }
+    }
+}
+#undef NN_BLOCK
+
+/* Columns computed for N in tiles of `width`, the last one in whole vectors. */
+static int64_t padded_cols(int64_t N, int64_t width)
+{
+    int64_t full = N / width * width;
+    return full + (N - full + 15) / 16 * 16;
+}
+
+/* C_b = A_b · B_b for b < batch, the operands of sample b at b · (sa, sb, sc)
+ * floats from the first; A_b[r, k] at A + b·sa + r·ars + k·aks. The work is split into (sample, column tile, row
+ * range) units: one row range when there are enough tiles to keep every thread
+ * busy (each B panel then stays in one thread's cache), more when not (few
+ * samples with narrow outputs, e.g. a late ResNet stage at 7 × 7). */
+void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
+                        const float *A, int64_t sa, int64_t ars, int64_t aks,
+                        const float *B, int64_t sb, int64_t ldb,
+                        float *C, int64_t sc, int64_t ldc, int nthreads)
+{
+    if (nthreads < 1) nthreads = 1;
+    /* an output larger than a typical L3 share is not read back soon enough to keep */
+    int stream = (double)M * (double)N * 4.0 > 16.0 * 1024 * 1024;
+    /* the tile shape that computes the least padding */
+    double work_tall = (double)((M + 7) / 8 * 8) * (double)padded_cols(N, 48);
+    double work_wide = (double)((M + 5) / 6 * 6) * (double)padded_cols(N, 64);
+    int tall = work_tall <= work_wide;
     const int64_t R = tall ? 8 : 6, width = tall ? 48 : 64;
-    int64_t tiles = (N + width - 1) / width;
+    int64_t tiles = (N + width - 1) / width, strips = (M + R - 1) / R;
+    int64_t ranges = 1, wanted = 4 * (int64_t)nthreads;
+    if (batch * tiles < wanted) {
+        ranges = (wanted + batch * tiles - 1) / (batch * tiles);
+        if (ranges > strips) ranges = strips;
+    }
+    int64_t units = batch * tiles * ranges;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t u = 0; u < units; ++u) {
+            int64_t r = u % ranges, t = u / ranges % tiles, b = u / ranges / tiles;
+            int64_t i0 = strips * r / ranges * R, i1 = strips * (r + 1) / ranges * R;
+            if (i1 > M) i1 = M;
             int64_t j = t * width;
             int64_t cols = N - j < width ? N - j : width;
-            for (int64_t i = 0; i < M; i += R) {
-                int64_t rows = M - i < R ? M - i : R;
-                if (tall)
-                    nn_block(8, 3, rows, cols, K, A + i * lda, lda, B + j, ldb,
-                             C + i * ldc + j, ldc, stream);
-                else
-                    nn_block(6, 4, rows, cols, K, A + i * lda, lda, B + j, ldb,
-                             C + i * ldc + j, ldc, stream);
-            }
+            nn_strip(tall, i0, i1, j, cols, K, A + b * sa, ars, aks, B + b * sb, ldb, C + b * sc,
+                     ldc, stream);
         }
         /* each thread orders its own streaming stores before the region ends */
         if (stream) _mm_sfence();
@@ -99,11 +156,7 @@ static void nn_tiles(int tall, int64_t M, int64_t N, int64_t K, const float *A, 
 void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                 const float *B, int64_t ldb, float *C, int64_t ldc, int nthreads)
 {
-    /* an output larger than a typical L3 share is not read back soon enough to keep */
-    int stream = (double)M * (double)N * 4.0 > 16.0 * 1024 * 1024;
-    /* the row height that computes the fewest padding rows (B·m is often a multiple of 8) */
-    int64_t pad6 = (M + 5) / 6 * 6, pad8 = (M + 7) / 8 * 8;
-    nn_tiles(pad8 <= pad6, M, N, K, A, lda, B, ldb, C, ldc, stream, nthreads);
+    kw_gemm_nn_batched(1, M, N, K, A, 0, lda, 1, B, 0, ldb, C, 0, ldc, nthreads);
 }
 
 #define NT_ROWS 4   /* rows of G per register tile */
@@ -195,6 +248,10 @@ int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
 int kw_gemm_available(void) { return 0; }
 void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                 const float *B, int64_t ldb, float *C, int64_t ldc, int nthreads) { abort(); }
+void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
+                        const float *A, int64_t sa, int64_t ars, int64_t aks,
+                        const float *B, int64_t sb, int64_t ldb,
+                        float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
 

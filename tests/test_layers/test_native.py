@@ -41,6 +41,94 @@ def test_gemm_nn_strided_operands():
 
 
 @needs_native
+@pytest.mark.parametrize('threads', [1, 2, 3])
+@pytest.mark.parametrize('s,m,k,n', [
+    (1, 1, 1, 1), (3, 13, 5, 17), (2, 7, 30, 48), (8, 50, 20, 49), (2, 256, 64, 196),
+    (1, 6, 3, 64), (5, 9, 40, 1000),
+])
+def test_gemm_nn_batched_matches_float64(s, m, k, n, threads):
+    # shapes for both register tiles (8 × 48, 6 × 64), narrow tail tiles, and
+    # outputs too narrow for one tile per thread (rows split between threads)
+    torch.manual_seed(0)
+    a, b = torch.randn(s, m, k), torch.randn(s, k, n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.gemm_nn_batched(a, b)
+        out_t = native.gemm_nn_batched(a.transpose(1, 2).contiguous().transpose(1, 2), b)
+    finally:
+        torch.set_num_threads(before)
+    for result in (out, out_t):  # row-major A, and A read through its transpose in place
+        torch.testing.assert_close(result.double(), a.double() @ b.double(), rtol=1e-5,
+                                   atol=1e-5 * math.sqrt(k))
+
+
+@needs_native
+def test_gemm_nn_batched_strided_operands():
+    torch.manual_seed(0)
+    a = torch.randn(4, 9, 60)[::2, :, 3:50]    # every other sample, leading dimension 60
+    b = torch.randn(2, 47, 300)[:, :, 7:290]
+    torch.testing.assert_close(native.gemm_nn_batched(a, b).double(),
+                               a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match='do not multiply'):
+        native.gemm_nn_batched(torch.randn(2, 3, 4), torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match='3-D float32 CPU'):
+        native.gemm_nn_batched(torch.randn(3, 4), torch.randn(4, 5))
+
+
+@needs_native
+@pytest.mark.parametrize('n', [100, 700, 2100])  # the three ways of b's gradient
+def test_batched_matmul_matches_torch(n, monkeypatch):
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    used = []
+    product = native.gemm_nn_batched
+    monkeypatch.setattr(native, 'gemm_nn_batched', lambda *a: used.append(1) or product(*a))
+    torch.manual_seed(0)
+    a = torch.randn(3, 20, 33, requires_grad=True)
+    b = torch.randn(3, 33, n, requires_grad=True)
+    weights = torch.randn(3, 20, n)
+    results = []
+    for bmm in (native.bmm, torch.bmm):
+        a.grad = b.grad = None
+        out = bmm(a, b)
+        (out * weights).sum().backward()
+        results.append((out.detach(), a.grad, b.grad))
+    assert len(used) == (2 if n in (100, 2100) else 1)
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    torch.manual_seed(0)
+    a = torch.randn(2, 6, 5, requires_grad=True)
+    b = torch.randn(2, 5, 300, requires_grad=True)
+    results = []
+    for bmm in (native.bmm, torch.bmm):
+        grad_a, = torch.autograd.grad(bmm(a, b).square().sum(), a, create_graph=True)
+        second = torch.autograd.grad(grad_a.square().sum(), (a, b))
+        results.append((grad_a.detach(), *second))
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    ta, tb = torch.randn_like(a), torch.randn_like(b)
+    _, jvp_native = torch.func.jvp(native.bmm, (a.detach(), b.detach()), (ta, tb))
+    _, jvp_torch = torch.func.jvp(torch.bmm, (a.detach(), b.detach()), (ta, tb))
+    torch.testing.assert_close(jvp_native, jvp_torch, rtol=1e-5, atol=1e-4)
+
+    def fail(*args):
+        raise AssertionError('the C kernels ran')
+    monkeypatch.setattr(native, 'gemm_nn_batched', fail)
+    native.bmm(a.double(), b.double())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        native.bmm(a, b)
+    with pytest.raises(RuntimeError):  # torch.bmm's own error
+        native.bmm(a, b.transpose(1, 2))
+    with pytest.raises(AssertionError, match='C kernels ran'):
+        native.bmm(a, b)
+
+
+@needs_native
 @pytest.mark.parametrize('threads', [1, 3])
 @pytest.mark.parametrize('m,p,d', [(1, 1, 1), (5, 7, 15), (4, 6, 16), (9, 13, 1000),
                                    (72, 47, 10_003)])
@@ -64,7 +152,7 @@ def test_autograd_function_matches_torch():
     b = torch.randn(11, 5000, requires_grad=True)
     weights = torch.randn(3, 4, 5000)
     grads = []
-    for product in (native.SmallKMatmul.apply, torch.matmul):
+    for product in (lambda x, y: native.SmallKMatmul.apply(x, y, native.gemm_nn), torch.matmul):
         a.grad = b.grad = None
         out = product(a.reshape(12, 11), b).view(3, 4, 5000)
         (out * weights).sum().backward()
@@ -91,8 +179,9 @@ LAYERS = {
 def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monkeypatch):
     make, shape = LAYERS[name]
     calls = []
-    gemm_nn = native.gemm_nn
-    monkeypatch.setattr(native, 'gemm_nn', lambda *a: calls.append(1) or gemm_nn(*a))
+    for kernel in ('gemm_nn', 'gemm_nn_batched'):
+        monkeypatch.setattr(native, kernel, lambda *a, f=getattr(native, kernel), k=kernel:
+                            calls.append(k) or f(*a))
     results = []
     for min_macs in (float('inf'), 0):  # torch.matmul, then the C kernels
         monkeypatch.setattr(native, 'MIN_MACS', min_macs)
@@ -105,6 +194,8 @@ def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monk
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
     assert calls, 'the C kernels were not used'
+    if name == 'pointwise' and batch > 1:  # its convolution is a batched product
+        assert 'gemm_nn_batched' in calls
     for fast, ref in zip(*results):
         assert (fast is None) == (ref is None)
         if fast is not None:
