@@ -297,6 +297,29 @@ class _KWConvNd(_KWLayer):
                                           self._explicit_padding()[0], self.dilation,
                                           self.groups)
 
+    def apply_kernels_native(self, x: torch.Tensor, mixed: torch.Tensor
+                             ) -> Optional[torch.Tensor]:
+        """All samples ``x [B, C, *S]`` (from ``_per_sample_input``) through their
+        mixtures ``[B, m, cell numel]`` with :func:`kw_mm.native.conv2d_taps`,
+        which reads the mixtures as they are; None where it does not apply
+        (not 2-d, groups, cells narrower than the input channels, whole-kernel
+        mixtures, :func:`kw_mm.native.conv2d_taps_pays` or
+        :func:`kw_mm.native.usable` says no)."""
+        plan = self.layer_plan
+        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and plan.in_groups == 1):
+            return None
+        kh, kw = self.kernel_size
+        (ph, pw), (sh, sw), (dh, dw) = self._explicit_padding()[0], self.stride, self.dilation
+        out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        kernel_numel = mixed[0].numel()
+        if not (native.conv2d_taps_pays(kernel_numel, out_h, out_w, self.stride)
+                and native.usable(x, mixed, x.shape[0] * kernel_numel * out_h * out_w)):
+            return None
+        kernels = mixed.view(x.shape[0], kh * kw, self.out_channels, self.in_channels)
+        return native.conv2d_taps(x, kernels, self.kernel_size, self.stride,
+                                  self._explicit_padding()[0], self.dilation)
+
     def apply_kernel_backward(self, grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
                               need_x: bool, need_kernel: bool
                               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -28,7 +28,9 @@ class PerSampleKernelConv(torch.autograd.Function):
     """``y[b] = layer.apply_kernel(x[b:b+1], kernel of mixed[b])`` for every sample.
 
     ``layer`` provides ``mixture_to_kernel`` / ``kernel_into_mixture_`` (the
-    reorder and its inverse), ``apply_kernel`` and ``apply_kernel_backward``.
+    reorder and its inverse), ``apply_kernel`` and ``apply_kernel_backward``,
+    and ``apply_kernels_native``: the forward of all samples at once straight
+    from the mixtures (native CPU kernels), or None where that does not apply.
     Runs with autocast off: the caller casts ``x`` and ``mixed`` to the
     dtype the operation should run in. ``reuse_saved``: the saved ``mixed``
     is rebuilt for the backward pass and owned by it alone (kernel
@@ -42,6 +44,9 @@ class PerSampleKernelConv(torch.autograd.Function):
         ctx.layer = layer
         ctx.reuse_saved = reuse_saved
         ctx.save_for_backward(x, mixed)
+        out = layer.apply_kernels_native(x, mixed)
+        if out is not None:
+            return out
         return torch.cat([layer.apply_kernel(x[b:b + 1], layer.mixture_to_kernel(mixed[b]))
                           for b in range(x.shape[0])])
 

@@ -34,6 +34,17 @@ static inline __mmask16 lane_mask(int64_t remaining)
     return (__mmask16)((1u << remaining) - 1u);
 }
 
+/* A sum of products C = Σ_t A_t · B_t over "taps" t < count, A_t at
+ * A + t·a_step and B_t at B + b_off[t] (a plain product: one tap at 0). With
+ * B a zero-padded image [K, rows × width] and b_off[t] the offset of kernel
+ * position t, this is a stride-1 convolution over that padded grid. */
+typedef struct {
+    int64_t count, a_step;
+    const int64_t *b_off;
+} taps_t;
+
+static const int64_t no_offset[1] = {0};
+
 /* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ R, cols ≤ 16·V, the
  * R × V accumulators in registers (R and V are constants once inlined: at
  * most 8 × 3 or 6 × 4, 24 accumulators). A[r, k] is at A + r·ars + k·aks
@@ -42,22 +53,25 @@ static inline __mmask16 lane_mask(int64_t remaining)
 static inline __attribute__((always_inline)) void
 nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
          const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb, float *C,
-         int64_t ldc, int stream)
+         int64_t ldc, int stream, const taps_t *taps)
 {
     const float *a[8];
-    for (int r = 0; r < R; ++r) a[r] = A + (r < rows ? r : rows - 1) * ars;
     __mmask16 m[4];
     for (int v = 0; v < V; ++v) m[v] = lane_mask(cols - 16 * v);
     __m512 acc[8][4];
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-        const float *b = B + k * ldb;
-        __m512 bv[4];
-        for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
-        for (int r = 0; r < R; ++r) {
-            __m512 s = _mm512_set1_ps(a[r][k * aks]);
-            for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(s, bv[v], acc[r][v]);
+    for (int64_t t = 0; t < taps->count; ++t) {
+        for (int r = 0; r < R; ++r) a[r] = A + t * taps->a_step + (r < rows ? r : rows - 1) * ars;
+        const float *Bt = B + taps->b_off[t];
+        for (int64_t k = 0; k < K; ++k) {
+            const float *b = Bt + k * ldb;
+            __m512 bv[4];
+            for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
+            for (int r = 0; r < R; ++r) {
+                __m512 s = _mm512_set1_ps(a[r][k * aks]);
+                for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(s, bv[v], acc[r][v]);
+            }
         }
     }
     for (int r = 0; r < R; ++r) {
@@ -77,11 +91,11 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
  * runs with fewer vectors. The literal shapes keep the accumulators in
  * registers; a row-major A (aks = 1) gets its own specialisation. */
 #define NN_BLOCK(R, V) \
-    (aks == 1 ? nn_block(R, V, rows, cols, K, a, ars, 1, b, ldb, c, ldc, stream) \
-              : nn_block(R, V, rows, cols, K, a, ars, aks, b, ldb, c, ldc, stream))
+    (aks == 1 ? nn_block(R, V, rows, cols, K, a, ars, 1, b, ldb, c, ldc, stream, taps) \
+              : nn_block(R, V, rows, cols, K, a, ars, aks, b, ldb, c, ldc, stream, taps))
 static inline void nn_strip(int tall, int64_t i0, int64_t i1, int64_t j, int64_t cols, int64_t K,
                             const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb,
-                            float *C, int64_t ldc, int stream)
+                            float *C, int64_t ldc, int stream, const taps_t *taps)
 {
     const int64_t R = tall ? 8 : 6;
     int vectors = (int)((cols + 15) / 16);
@@ -116,10 +130,10 @@ static int64_t padded_cols(int64_t N, int64_t width)
  * range) units: one row range when there are enough tiles to keep every thread
  * busy (each B panel then stays in one thread's cache), more when not (few
  * samples with narrow outputs, e.g. a late ResNet stage at 7 × 7). */
-void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
-                        const float *A, int64_t sa, int64_t ars, int64_t aks,
-                        const float *B, int64_t sb, int64_t ldb,
-                        float *C, int64_t sc, int64_t ldc, int nthreads)
+static void nn_run(int64_t batch, int64_t M, int64_t N, int64_t K,
+                   const float *A, int64_t sa, int64_t ars, int64_t aks,
+                   const float *B, int64_t sb, int64_t ldb,
+                   float *C, int64_t sc, int64_t ldc, const taps_t *taps, int nthreads)
 {
     if (nthreads < 1) nthreads = 1;
     /* an output larger than a typical L3 share is not read back soon enough to keep */
@@ -146,17 +160,38 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
             int64_t j = t * width;
             int64_t cols = N - j < width ? N - j : width;
             nn_strip(tall, i0, i1, j, cols, K, A + b * sa, ars, aks, B + b * sb, ldb, C + b * sc,
-                     ldc, stream);
+                     ldc, stream, taps);
         }
         /* each thread orders its own streaming stores before the region ends */
         if (stream) _mm_sfence();
     }
 }
 
+void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
+                        const float *A, int64_t sa, int64_t ars, int64_t aks,
+                        const float *B, int64_t sb, int64_t ldb,
+                        float *C, int64_t sc, int64_t ldc, int nthreads)
+{
+    taps_t one = {1, 0, no_offset};
+    nn_run(batch, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, ldc, &one, nthreads);
+}
+
 void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                 const float *B, int64_t ldb, float *C, int64_t ldc, int nthreads)
 {
     kw_gemm_nn_batched(1, M, N, K, A, 0, lda, 1, B, 0, ldb, C, 0, ldc, nthreads);
+}
+
+/* A stride-1 convolution of each sample's padded image B_b [K, ldb] (rows of
+ * the padded grid laid end to end) with its kernel A_b [taps, M, K] (kernel
+ * position outermost, as KW mixtures come out of the assembly):
+ * C_b[:, q] = Σ_t A_b[t] · B_b[:, q + b_off[t]] for every grid position q < N. */
+void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+                  const float *A, int64_t sa, const float *B, int64_t sb, int64_t ldb,
+                  const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads)
+{
+    taps_t kernel = {taps, M * K, b_off};
+    nn_run(batch, M, N, K, A, sa, K, 1, B, sb, ldb, C, sc, ldc, &kernel, nthreads);
 }
 
 #define NT_ROWS 4   /* rows of G per register tile */
@@ -252,6 +287,9 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         const float *A, int64_t sa, int64_t ars, int64_t aks,
                         const float *B, int64_t sb, int64_t ldb,
                         float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
+void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+                  const float *A, int64_t sa, const float *B, int64_t sb, int64_t ldb,
+                  const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
 

@@ -128,6 +128,81 @@ def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
         native.bmm(a, b)
 
 
+def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation):
+    """The float64 reference of conv2d_taps: position-major kernels reordered, one sample at a time."""
+    batch, _, out_c, in_c = kernels.shape
+    weight = kernels.double().view(batch, *kernel_size, out_c, in_c).permute(0, 3, 4, 1, 2)
+    return torch.cat([torch.nn.functional.conv2d(x[b:b + 1].double(), weight[b], None, stride,
+                                                 padding, dilation) for b in range(batch)])
+
+
+@needs_native
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,dilation', [
+    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 16, 40, (14, 14), (3, 3), (2, 2), (1, 1), (1, 1)),   # stride 2: four phases
+    (1, 8, 12, (13, 10), (5, 3), (1, 2), (2, 0), (1, 2)),    # mixed strides and dilation
+    (2, 4, 6, (7, 8), (1, 1), (3, 3), (0, 0), (1, 1)),
+    (2, 3, 70, (5, 6), (3, 3), (1, 1), (0, 0), (2, 2)),      # output 1 × 2
+])
+def test_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
+                                     dilation, threads):
+    torch.manual_seed(0)
+    x = torch.randn(batch, in_c, *size)
+    kernels = torch.randn(batch, kernel[0] * kernel[1], out_c, in_c)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.conv2d_taps(x, kernels, kernel, stride, padding, dilation)
+    finally:
+        torch.set_num_threads(before)
+    ref = per_sample_conv64(x, kernels, kernel, stride, padding, dilation)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5,
+                               atol=1e-5 * math.sqrt(in_c * kernel[0] * kernel[1]))
+
+
+@needs_native
+def test_conv2d_taps_rejects_what_does_not_fit():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match='do not fit'):
+        native.conv2d_taps(x, torch.randn(2, 9, 3, 5), (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match='smaller than the kernel'):
+        native.conv2d_taps(x, torch.randn(2, 49, 3, 4), (7, 7), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(ValueError, match='float32 CPU'):
+        native.conv2d_taps(x.double(), torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1))
+
+
+def test_conv2d_taps_is_chosen_for_small_maps_only():
+    kernel = 9 * 512 * 512
+    assert native.conv2d_taps_pays(kernel, 7, 7, (1, 1))            # ResNet50 last stage, 224²
+    assert native.conv2d_taps_pays(kernel, 7, 7, (2, 2))            # its strided first block
+    assert not native.conv2d_taps_pays(kernel, 25, 38, (1, 1))      # the same at 800 × 1216
+    assert not native.conv2d_taps_pays(9 * 128 * 128, 28, 28, (2, 2))
+
+
+@needs_native
+@pytest.mark.parametrize('make', [
+    lambda: KWConv2d(16, 16, 3, padding=1, bias=False),
+    lambda: KWConv2d(16, 32, 3, stride=2, padding=1),
+    lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)),  # odd 'same' padding
+])
+@pytest.mark.parametrize('train', [False, True])
+def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatch):
+    used = []
+    taps = native.conv2d_taps
+    monkeypatch.setattr(native, 'conv2d_taps', lambda *a: used.append(1) or taps(*a))
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    torch.manual_seed(0)
+    layer = make().train(train)
+    set_temperature(layer, 0.3)
+    x = torch.randn(3, 16, 10, 10)
+    with torch.no_grad():
+        out, ref = layer(x), layer.reference_forward(x)
+    assert used, 'conv2d_taps was not used'
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @needs_native
 @pytest.mark.parametrize('threads', [1, 3])
 @pytest.mark.parametrize('m,p,d', [(1, 1, 1), (5, 7, 15), (4, 6, 16), (9, 13, 1000),
