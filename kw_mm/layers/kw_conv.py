@@ -220,7 +220,8 @@ class _KWConvNd(_KWLayer):
         if is_exporting():  # ONNX: no branch on the batch size (see export_forward.py)
             return batch_agnostic_conv(x, self.assemble_kernel(alpha), bias, self.stride,
                                        self.padding, self.dilation, self.groups)
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and x.is_cuda:  # one sample: a plain convolution with its kernel
+            # (on CPU the paths below read the mixtures in place: faster still)
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
             out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
