@@ -248,9 +248,10 @@ def gemm_nn_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(batch, rows, b.shape[2], dtype=torch.float32)
     if out.numel() == 0 or inner == 0:
         return out.zero_()
-    lib.kw_gemm_nn_batched(batch, rows, b.shape[2], inner, a.data_ptr(), a.stride(0), a.stride(1),
-                           a.stride(2), b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(), out.stride(0),
-                           out.stride(1), torch.get_num_threads())
+    lib.kw_gemm_nn_batched(batch, rows, b.shape[2], inner,
+                           a.data_ptr(), a.stride(0), a.stride(1), a.stride(2),
+                           b.data_ptr(), b.stride(0), b.stride(1),
+                           out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads())
     return out
 
 
@@ -286,6 +287,8 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
     lib = _library()
     if lib is None:
         raise RuntimeError(f'the native kernels are not in use: {status()}')
+    if x.dim() != 4:
+        raise ValueError(f'conv2d_taps: x must be [B, C, H, W], got shape {tuple(x.shape)}')
     batch, channels, height, width = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     if (kernels.dim() != 4 or kernels.shape[0] != batch or kernels.shape[1] != kh * kw

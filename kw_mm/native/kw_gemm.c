@@ -37,7 +37,8 @@ static inline __mmask16 lane_mask(int64_t remaining)
 /* A sum of products C = Σ_t A_t · B_t over "taps" t < count, A_t at
  * A + t·a_step and B_t at B + b_off[t] (a plain product: one tap at 0). With
  * B a zero-padded image [K, rows × width] and b_off[t] the offset of kernel
- * position t, this is a stride-1 convolution over that padded grid. */
+ * position t, this is a stride-1 convolution over that padded grid (see
+ * kw_conv_taps; a strided one reads the image's phases). */
 typedef struct {
     int64_t count, a_step;
     const int64_t *b_off;
@@ -126,10 +127,11 @@ static int64_t padded_cols(int64_t N, int64_t width)
 }
 
 /* C_b = A_b · B_b for b < batch, the operands of sample b at b · (sa, sb, sc)
- * floats from the first; A_b[r, k] at A + b·sa + r·ars + k·aks. The work is split into (sample, column tile, row
- * range) units: one row range when there are enough tiles to keep every thread
- * busy (each B panel then stays in one thread's cache), more when not (few
- * samples with narrow outputs, e.g. a late ResNet stage at 7 × 7). */
+ * floats from the first; A_b[r, k] at A + b·sa + r·ars + k·aks. The work is
+ * split into (sample, column tile, row range) units: one row range when there
+ * are enough tiles to keep every thread busy (each B panel then stays in one
+ * thread's cache), more when not (few samples with narrow outputs, e.g. a
+ * late ResNet stage at 7 × 7). */
 static void nn_run(int64_t batch, int64_t M, int64_t N, int64_t K,
                    const float *A, int64_t sa, int64_t ars, int64_t aks,
                    const float *B, int64_t sb, int64_t ldb,
@@ -185,7 +187,9 @@ void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
 /* A stride-1 convolution of each sample's padded image B_b [K, ldb] (rows of
  * the padded grid laid end to end) with its kernel A_b [taps, M, K] (kernel
  * position outermost, as KW mixtures come out of the assembly):
- * C_b[:, q] = Σ_t A_b[t] · B_b[:, q + b_off[t]] for every grid position q < N. */
+ * C_b[:, q] = Σ_t A_b[t] · B_b[:, q + b_off[t]] for every grid position q < N.
+ * For stride s the caller lays out the s × s phases of the image side by side
+ * in each row of B and points each kernel position into its phase. */
 void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
                   const float *A, int64_t sa, const float *B, int64_t sb, int64_t ldb,
                   const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads)

@@ -129,7 +129,7 @@ def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
 
 
 def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation):
-    """The float64 reference of conv2d_taps: position-major kernels reordered, one sample at a time."""
+    """conv2d_taps in float64: position-major kernels reordered, one sample at a time."""
     batch, _, out_c, in_c = kernels.shape
     weight = kernels.double().view(batch, *kernel_size, out_c, in_c).permute(0, 3, 4, 1, 2)
     return torch.cat([torch.nn.functional.conv2d(x[b:b + 1].double(), weight[b], None, stride,
@@ -167,6 +167,8 @@ def test_conv2d_taps_rejects_what_does_not_fit():
     x = torch.randn(2, 4, 5, 5)
     with pytest.raises(ValueError, match='do not fit'):
         native.conv2d_taps(x, torch.randn(2, 9, 3, 5), (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r'\[B, C, H, W\]'):
+        native.conv2d_taps(x[0], torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1))
     with pytest.raises(ValueError, match='smaller than the kernel'):
         native.conv2d_taps(x, torch.randn(2, 49, 3, 4), (7, 7), (1, 1), (0, 0), (1, 1))
     with pytest.raises(ValueError, match='float32 CPU'):
