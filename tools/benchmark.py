@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import os.path as osp
 import statistics
 import subprocess
@@ -217,7 +218,9 @@ def main(argv=None):
                         help='keep glibc\'s default allocator policy (see kw_mm/utils/allocator.py)')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
+    if args.no_malloc_tuning:  # also for the memory probes' subprocesses
+        os.environ['KW_MM_MALLOC'] = '0'
+    tuned = tune_cpu_allocator()
     if args.configs:
         if len(args.configs) != 2:
             parser.error('give exactly two configs (A and B), or none for the default suite')

@@ -220,8 +220,9 @@ class _KWConvNd(_KWLayer):
         if is_exporting():  # ONNX: no branch on the batch size (see export_forward.py)
             return batch_agnostic_conv(x, self.assemble_kernel(alpha), bias, self.stride,
                                        self.padding, self.dilation, self.groups)
-        if x.shape[0] == 1 and x.is_cuda:  # one sample: a plain convolution with its kernel
-            # (on CPU the paths below read the mixtures in place: faster still)
+        if x.shape[0] == 1 and not self._native_batch_paths(x):
+            # one sample: a plain convolution with its kernel (the CPU paths below are
+            # faster where the native kernels run: the pointwise product, conv2d_taps)
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
             out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
@@ -237,6 +238,12 @@ class _KWConvNd(_KWLayer):
         if bias is not None:
             out = out + bias.view(1, -1, *([1] * self.ndim))
         return out
+
+    def _native_batch_paths(self, x: torch.Tensor) -> bool:
+        """Whether a single sample should take the batch paths: where kw_mm's
+        native CPU kernels can run (float32 CPU, no autocast, tracing, functorch
+        transform or forward-mode AD)."""
+        return x.device.type == 'cpu' and native.usable(x, x, native.MIN_MACS)
 
     @property
     def _pointwise(self) -> bool:
@@ -303,11 +310,12 @@ class _KWConvNd(_KWLayer):
         """All samples ``x [B, C, *S]`` (from ``_per_sample_input``) through their
         mixtures ``[B, m, cell numel]`` with :func:`kw_mm.native.conv2d_taps`,
         which reads the mixtures as they are; None where it does not apply
-        (not 2-d, groups, cells narrower than the input channels, whole-kernel
-        mixtures, :func:`kw_mm.native.conv2d_taps_pays` or
+        (not 2-d, groups, cells narrower than the input channels, whole-kernel or
+        strided mixtures, :func:`kw_mm.native.conv2d_taps_pays` or
         :func:`kw_mm.native.usable` says no)."""
         plan = self.layer_plan
-        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and plan.in_groups == 1):
+        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and plan.in_groups == 1
+                and mixed.is_contiguous()):  # (private cells mix into a strided tensor)
             return None
         kh, kw = self.kernel_size
         (ph, pw), (sh, sw), (dh, dw) = self._explicit_padding()[0], self.stride, self.dilation

@@ -1,5 +1,7 @@
 """The CPU forward/backward of a KW convolution: one sample at a time, with
-each sample's kernel reordered from the warehouse's layout just before use.
+each sample's kernel reordered from the warehouse's layout just before use
+(the forward of small maps instead reads the mixtures in place, all samples
+at once, through ``kw_mm.native.conv2d_taps`` where that applies).
 
 The assembly matmul (paper Eq. 3) yields every sample's mixtures in the
 warehouse's layout ``[B, m, cell numel]``; a convolution wants

@@ -15,8 +15,8 @@ into a cache folder (``$KW_MM_CACHE_DIR``, else ``~/.cache/kw_mm``) the first
 time a KW layer runs on CPU, keyed by the source, the compiler command and
 the CPU's feature flags; the file appears atomically, so concurrent processes
 are safe. Where it cannot be used (no compiler, no AVX-512F, not float32,
-products under :data:`MIN_MACS`, autocast, tracing, export or functorch
-transforms) kw_mm computes the same products with ``torch.matmul`` /
+products under :data:`MIN_MACS`, autocast, tracing, export, functorch
+transforms or forward-mode AD) kw_mm computes the same products with ``torch.matmul`` /
 ``torch.bmm``; :func:`status` says which and why, and a failed compile
 warns once. ``KW_MM_NATIVE=0`` turns the kernels off.
 """
@@ -172,7 +172,14 @@ def usable(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev, ...
+            and not _forward_ad_active()
             and _library() is not None)
+
+
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors
+    may flow in: the native functions have no forward-mode derivative)."""
+    return getattr(torch.autograd.forward_ad, '_current_level', -1) >= 0
 
 
 def _nt_fits(rows: int, cols: int) -> bool:
@@ -295,14 +302,20 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
             or kernels.shape[3] != channels):
         raise ValueError(f'conv2d_taps: kernels of shape {tuple(kernels.shape)} do not fit '
                          f'input {tuple(x.shape)} and kernel size {kernel_size}')
-    for t in (x, kernels):
+    for label, t in (('x', x), ('kernels', kernels)):
         if t.dtype != torch.float32 or t.device.type != 'cpu':
-            raise ValueError(f'conv2d_taps: float32 CPU tensors only, got {t.dtype} {t.device}')
+            raise ValueError(f'conv2d_taps: {label} must be float32 on CPU, got {t.dtype} '
+                             f'on {t.device}')
+    for label, pair, least in (('kernel_size', kernel_size, 1), ('stride', stride, 1),
+                               ('dilation', dilation, 1), ('padding', padding, 0)):
+        if min(pair) < least:
+            raise ValueError(f'conv2d_taps: {label} must be at least {least}, got {pair}')
     padded_h, padded_w = height + 2 * ph, width + 2 * pw
     out_h = (padded_h - dh * (kh - 1) - 1) // sh + 1
     out_w = (padded_w - dw * (kw - 1) - 1) // sw + 1
     if out_h < 1 or out_w < 1:
-        raise ValueError(f'conv2d_taps: input {tuple(x.shape)} is smaller than the kernel')
+        raise ValueError(f'conv2d_taps: input {tuple(x.shape)} padded by {padding} is smaller '
+                         f'than kernel_size={kernel_size} at dilation={dilation}')
     phase_h, phase_w = -(-padded_h // sh), -(-padded_w // sw)
     reach_w = dw * (kw - 1) // sw  # the last kernel column reads this far past a grid row
     slot = phase_h * phase_w + reach_w
@@ -338,43 +351,40 @@ def gemm_nt(g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 class _NativeProduct(torch.autograd.Function):
-    """``product(a, b)`` (a native ``a @ b``); subclasses give the backward.
-    Forward-mode AD goes through torch's products."""
+    """A native ``a @ b``; subclasses give the product and the backward. Each
+    operand is saved only if the other one's gradient needs it (as torch's
+    products do), so a kernel multiplying an input without gradient is not kept.
+    Not used under forward-mode AD (see :func:`usable`)."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, product) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        ctx.save_for_forward(a, b)
-        return product(a, b)
-
-    @staticmethod
-    def jvp(ctx, tangent_a: Optional[torch.Tensor], tangent_b: Optional[torch.Tensor], _=None):
-        a, b = ctx.saved_tensors
-        out = None if tangent_a is None else tangent_a @ b
-        if tangent_b is not None:
-            out = a @ tangent_b if out is None else out + a @ tangent_b
-        return out
+    def _save(ctx, a: torch.Tensor, b: torch.Tensor) -> None:
+        need_a, need_b = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(a if need_b else None, b if need_a else None)
 
 
 class SmallKMatmul(_NativeProduct):
     """``a @ b`` (``a [M, K]`` short, ``b [K, N]`` long) with native forward and backward.
 
     A backward that builds a graph (``create_graph=True``) uses torch's
-    products, so higher derivatives work; forward-mode AD has a ``jvp``.
-    Called as ``SmallKMatmul.apply(a, b, gemm_nn)``.
+    products, so higher derivatives work.
     """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _NativeProduct._save(ctx, a, b)
+        return gemm_nn(a, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # differentiating the backward itself
-            return (grad @ b.t() if need_a else None), (a.t() @ grad if need_b else None), None
+            return (grad @ b.t() if need_a else None), (a.t() @ grad if need_b else None)
         grad_a = None
         if need_a:
-            grad_a = gemm_nt(grad, b) if _nt_fits(a.shape[0], a.shape[1]) else grad @ b.t()
+            grad_a = gemm_nt(grad, b) if _nt_fits(grad.shape[0], b.shape[0]) else grad @ b.t()
         grad_b = gemm_nn(a.t().contiguous(), grad) if need_b else None
-        return grad_a, grad_b, None
+        return grad_a, grad_b
 
 
 #: In :class:`BatchedMatmul`'s backward, ``aᵀ @ grad`` (``[K, N]``, inner
@@ -403,8 +413,12 @@ class BatchedMatmul(_NativeProduct):
 
     ``a``'s gradient (``grad @ bᵀ``, inner dimension ``N``) stays with torch.
     A backward that builds a graph uses torch's products throughout.
-    Called as ``BatchedMatmul.apply(a, b, gemm_nn_batched)``.
     """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _NativeProduct._save(ctx, a, b)
+        return gemm_nn_batched(a, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -412,7 +426,7 @@ class BatchedMatmul(_NativeProduct):
         need_a, need_b = ctx.needs_input_grad[:2]
         grad_a = torch.bmm(grad, b.transpose(1, 2)) if need_a else None
         grad_b = _grad_of_b(a, grad) if need_b else None
-        return grad_a, grad_b, None
+        return grad_a, grad_b
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -420,7 +434,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if (a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]
             or not usable(a, b, a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])):
         return torch.bmm(a, b)  # raises its own error for bad shapes
-    return BatchedMatmul.apply(a, b, gemm_nn_batched)
+    return BatchedMatmul.apply(a, b)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -431,4 +445,4 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if (a.dim() < 2 or b.dim() != 2 or k != b.shape[0]  # torch.matmul raises its own error
             or not usable(a, b, rows * k * b.shape[1])):
         return torch.matmul(a, b)
-    return SmallKMatmul.apply(a.reshape(rows, k), b, gemm_nn).view(*lead, b.shape[1])
+    return SmallKMatmul.apply(a.reshape(rows, k), b).view(*lead, b.shape[1])

@@ -169,10 +169,14 @@ def test_conv2d_taps_rejects_what_does_not_fit():
         native.conv2d_taps(x, torch.randn(2, 9, 3, 5), (3, 3), (1, 1), (1, 1), (1, 1))
     with pytest.raises(ValueError, match=r'\[B, C, H, W\]'):
         native.conv2d_taps(x[0], torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1))
-    with pytest.raises(ValueError, match='smaller than the kernel'):
+    with pytest.raises(ValueError, match=r'smaller than kernel_size=\(7, 7\)'):
         native.conv2d_taps(x, torch.randn(2, 49, 3, 4), (7, 7), (1, 1), (0, 0), (1, 1))
-    with pytest.raises(ValueError, match='float32 CPU'):
+    with pytest.raises(ValueError, match='x must be float32 on CPU'):
         native.conv2d_taps(x.double(), torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r'stride must be at least 1, got \(0, 1\)'):
+        native.conv2d_taps(x, torch.randn(2, 9, 3, 4), (3, 3), (0, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r'padding must be at least 0, got \(-1, 1\)'):
+        native.conv2d_taps(x, torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (-1, 1), (1, 1))
 
 
 def test_conv2d_taps_is_chosen_for_small_maps_only():
@@ -206,6 +210,62 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
 
 
 @needs_native
+def test_forward_mode_ad_takes_torch_products(monkeypatch):
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+
+    def fail(*args):
+        raise AssertionError('the C kernels ran')
+    for kernel in ('gemm_nn', 'gemm_nn_batched'):
+        monkeypatch.setattr(native, kernel, fail)
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    for product, ref, shapes in ((native.bmm, torch.bmm, ((2, 6, 5), (2, 5, 300))),
+                                 (native.matmul, torch.matmul, ((6, 5), (5, 300)))):
+        a, b = (torch.randn(s) for s in shapes)
+        ta = torch.randn_like(a)
+        with fwAD.dual_level():
+            out = product(fwAD.make_dual(a, ta), b)
+            tangent = fwAD.unpack_dual(out).tangent
+        torch.testing.assert_close(tangent, ref(ta, b))
+
+
+@needs_native
+def test_batched_matmul_keeps_no_kernel_for_an_input_without_gradient(monkeypatch):
+    import weakref
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    w = torch.randn(2, 6, 5, requires_grad=True)
+    kernel = w * 2
+    ref = weakref.ref(kernel)
+    out = native.bmm(kernel, torch.randn(2, 5, 300))  # the input needs no gradient
+    del kernel
+    assert ref() is None  # only the input is saved (for the kernel's gradient)
+    out.sum().backward()
+    assert w.grad is not None
+
+
+@needs_native
+def test_private_cells_and_one_sample_under_functorch(monkeypatch):
+    from kw_mm.layers.partition import KernelShape, plan_warehouse
+    from kw_mm.layers.warehouse import KernelWarehouse
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    torch.manual_seed(0)
+    # sharing='none': each mixture mixes cells of its own, a strided mixture tensor
+    plan = plan_warehouse([KernelShape('c', 16, 16, (3, 3))], 2.0, cell_in_ratio=1,
+                          cell_out_ratio=0.5, private=True)
+    layer = KWConv2d(16, 16, 3, padding=1, warehouse=KernelWarehouse(plan), name='c').eval()
+    set_temperature(layer, 0.3)
+    x = torch.randn(3, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    # one sample under a functorch transform keeps the plain convolution (differentiable)
+    dense = KWConv2d(16, 16, 3, padding=1).eval()
+    x1 = torch.randn(1, 16, 8, 8, requires_grad=True)
+    grad = torch.func.grad(lambda t: dense(t).square().sum())(x1.detach())
+    dense(x1).square().sum().backward()
+    torch.testing.assert_close(grad, x1.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 @pytest.mark.parametrize('threads', [1, 3])
 @pytest.mark.parametrize('m,p,d', [(1, 1, 1), (5, 7, 15), (4, 6, 16), (9, 13, 1000),
                                    (72, 47, 10_003)])
@@ -229,7 +289,7 @@ def test_autograd_function_matches_torch():
     b = torch.randn(11, 5000, requires_grad=True)
     weights = torch.randn(3, 4, 5000)
     grads = []
-    for product in (lambda x, y: native.SmallKMatmul.apply(x, y, native.gemm_nn), torch.matmul):
+    for product in (native.SmallKMatmul.apply, torch.matmul):
         a.grad = b.grad = None
         out = product(a.reshape(12, 11), b).view(3, 4, 5000)
         (out * weights).sum().backward()
