@@ -230,8 +230,10 @@ class _KWConvNd(_KWLayer):
             # CPU, dense or grouped: per sample, kernels reordered one at a time (per_sample.py);
             # depth-wise ones run fastest as one convolution with B× the groups (below)
             x = self._per_sample_input(x)
-            out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
-                                    make=self.mix_cells)
+            out = None if torch.is_grad_enabled() else self._fused_inference(x, alpha)
+            if out is None:
+                out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
+                                        make=self.mix_cells)
         else:
             out = self._with_kernel(alpha, lambda w: self._batched_conv(x, w),
                                     make=self._batched_kernel)
@@ -328,6 +330,28 @@ class _KWConvNd(_KWLayer):
         kernels = mixed.view(x.shape[0], kh * kw, self.out_channels, self.in_channels)
         return native.conv2d_taps(x, kernels, self.kernel_size, self.stride,
                                   self._explicit_padding()[0], self.dilation)
+
+    def _fused_inference(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
+        """Inference through :func:`kw_mm.native.fused_conv2d_taps` (the kernels
+        assembled strip by strip inside the convolution, never stored), where
+        :meth:`apply_kernels_native` would run and each mixture is one kernel
+        position's whole [out, in] matrix; else None."""
+        plan = self.layer_plan
+        wh = self.kw_warehouse.plan
+        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and not wh.private_cells
+                and plan.in_groups == 1 and plan.out_groups == 1):
+            return None
+        kh, kw = self.kernel_size
+        (ph, pw), (sh, sw), (dh, dw) = self._explicit_padding()[0], self.stride, self.dilation
+        out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        kernel_numel = kh * kw * self.out_channels * self.in_channels
+        if not (native.conv2d_taps_pays(kernel_numel, out_h, out_w, self.stride)
+                and native.usable(x, alpha, x.shape[0] * kernel_numel * out_h * out_w)):
+            return None
+        cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1)
+        return native.fused_conv2d_taps(x, alpha, cells, self.kernel_size, self.stride,
+                                        self._explicit_padding()[0], self.dilation)
 
     def apply_kernel_backward(self, grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
                               need_x: bool, need_kernel: bool

@@ -118,6 +118,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_conv_taps.restype = None
     lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
                                  ptr, i64, i64, ctypes.c_int]
+    lib.kw_fused_taps.restype = ctypes.c_int
+    lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64,
+                                  i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.kw_gemm_nt.restype = ctypes.c_int
     lib.kw_gemm_nt.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
     return lib
@@ -278,6 +281,77 @@ def conv2d_taps_pays(kernel_numel: int, out_h: int, out_w: int, stride: Tuple[in
     return tiles * kernel_numel * 4 <= TAPS_KERNEL_TRAFFIC
 
 
+class _TapsInput:
+    """The input of a per-sample 2-d convolution laid out for ``kw_conv_taps``:
+    zero-padded once and, for stride ``s > 1``, split into its ``s × s`` phases
+    (sub-images), so every kernel position reads one contiguous stretch of one
+    of them (``offsets``); the output comes out over whole grid rows
+    (``grid_w`` columns each), the columns past ``out_w`` to be dropped."""
+
+    def __init__(self, name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
+                 stride: Tuple[int, int], padding: Tuple[int, int],
+                 dilation: Tuple[int, int]) -> None:
+        if x.dim() != 4:
+            raise ValueError(f'{name}: x must be [B, C, H, W], got shape {tuple(x.shape)}')
+        if x.dtype != torch.float32 or x.device.type != 'cpu':
+            raise ValueError(f'{name}: x must be float32 on CPU, got {x.dtype} on {x.device}')
+        for label, pair, least in (('kernel_size', kernel_size, 1), ('stride', stride, 1),
+                                   ('dilation', dilation, 1), ('padding', padding, 0)):
+            if min(pair) < least:
+                raise ValueError(f'{name}: {label} must be at least {least}, got {pair}')
+        batch, channels, height, width = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+        padded_h, padded_w = height + 2 * ph, width + 2 * pw
+        self.out_h = (padded_h - dh * (kh - 1) - 1) // sh + 1
+        self.out_w = (padded_w - dw * (kw - 1) - 1) // sw + 1
+        if self.out_h < 1 or self.out_w < 1:
+            raise ValueError(f'{name}: input {tuple(x.shape)} padded by {padding} is smaller '
+                             f'than kernel_size={kernel_size} at dilation={dilation}')
+        phase_h, phase_w = -(-padded_h // sh), -(-padded_w // sw)
+        reach_w = dw * (kw - 1) // sw  # the last kernel column reads this far past a grid row
+        slot = phase_h * phase_w + reach_w
+        phases = x.new_zeros(batch, channels, sh * sw, slot)
+        if sh == sw == 1:
+            grid = phases[:, :, 0, :padded_h * padded_w].view(batch, channels, padded_h,
+                                                              padded_w)
+            grid[:, :, ph:ph + height, pw:pw + width] = x
+        else:
+            padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+            for py in range(sh):
+                for px in range(sw):
+                    part = padded[:, :, py::sh, px::sw]
+                    grid = phases[:, :, py * sw + px, :phase_h * phase_w]
+                    grid.view(batch, channels, phase_h, phase_w)[
+                        :, :, :part.shape[2], :part.shape[3]] = part
+        offsets = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * slot
+                   + (ky * dh // sh) * phase_w + kx * dw // sw
+                   for ky in range(kh) for kx in range(kw)]
+        self.phases = phases
+        self.offsets = (ctypes.c_int64 * len(offsets))(*offsets)
+        self.grid_w = phase_w
+        self.cols = self.out_h * phase_w
+
+    def output(self, batch: int, channels: int) -> torch.Tensor:
+        return torch.empty(batch, channels, self.cols, dtype=torch.float32)
+
+    def crop(self, out: torch.Tensor) -> torch.Tensor:
+        return out.view(out.shape[0], -1, self.out_h, self.grid_w)[..., :self.out_w].contiguous()
+
+
+def _taps_setup(name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
+                stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
+                **operands: torch.Tensor) -> Tuple[ctypes.CDLL, _TapsInput]:
+    """The library and the laid-out input of a taps convolution; checks ``operands``."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f'the native kernels are not in use: {status()}')
+    for label, t in operands.items():
+        if t.dtype != torch.float32 or t.device.type != 'cpu':
+            raise ValueError(f'{name}: {label} must be float32 on CPU, got {t.dtype} '
+                             f'on {t.device}')
+    return lib, _TapsInput(name, x, kernel_size, stride, padding, dilation)
+
+
 def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, int],
                 stride: Tuple[int, int], padding: Tuple[int, int],
                 dilation: Tuple[int, int]) -> torch.Tensor:
@@ -285,63 +359,61 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
     position-major: ``kernels [B, kh·kw, out, in]`` (a KW mixture whose cells
     span all input channels), ``x [B, in, H, W]``; zero padding, one group.
 
-    No autograd. The input is zero-padded once and, for stride ``s > 1``,
-    split into its ``s × s`` phases (sub-images); every kernel position then
-    reads one contiguous stretch of one of them, so the convolution is the
-    matrix product kernel of ``kw_gemm_nn`` summed over kernel positions
-    (``kw_conv_taps``), with no reordered copy of the kernels.
+    No autograd. With the input laid out by :class:`_TapsInput`, the
+    convolution is the matrix product kernel of ``kw_gemm_nn`` summed over
+    kernel positions (``kw_conv_taps``), with no reordered copy of the kernels.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f'the native kernels are not in use: {status()}')
-    if x.dim() != 4:
-        raise ValueError(f'conv2d_taps: x must be [B, C, H, W], got shape {tuple(x.shape)}')
-    batch, channels, height, width = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    if (kernels.dim() != 4 or kernels.shape[0] != batch or kernels.shape[1] != kh * kw
+    lib, source = _taps_setup('conv2d_taps', x, kernel_size, stride, padding, dilation,
+                              kernels=kernels)
+    batch, channels = x.shape[:2]
+    taps = kernel_size[0] * kernel_size[1]
+    if (kernels.dim() != 4 or kernels.shape[0] != batch or kernels.shape[1] != taps
             or kernels.shape[3] != channels):
         raise ValueError(f'conv2d_taps: kernels of shape {tuple(kernels.shape)} do not fit '
                          f'input {tuple(x.shape)} and kernel size {kernel_size}')
-    for label, t in (('x', x), ('kernels', kernels)):
-        if t.dtype != torch.float32 or t.device.type != 'cpu':
-            raise ValueError(f'conv2d_taps: {label} must be float32 on CPU, got {t.dtype} '
-                             f'on {t.device}')
-    for label, pair, least in (('kernel_size', kernel_size, 1), ('stride', stride, 1),
-                               ('dilation', dilation, 1), ('padding', padding, 0)):
-        if min(pair) < least:
-            raise ValueError(f'conv2d_taps: {label} must be at least {least}, got {pair}')
-    padded_h, padded_w = height + 2 * ph, width + 2 * pw
-    out_h = (padded_h - dh * (kh - 1) - 1) // sh + 1
-    out_w = (padded_w - dw * (kw - 1) - 1) // sw + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f'conv2d_taps: input {tuple(x.shape)} padded by {padding} is smaller '
-                         f'than kernel_size={kernel_size} at dilation={dilation}')
-    phase_h, phase_w = -(-padded_h // sh), -(-padded_w // sw)
-    reach_w = dw * (kw - 1) // sw  # the last kernel column reads this far past a grid row
-    slot = phase_h * phase_w + reach_w
-    phases = x.new_zeros(batch, channels, sh * sw, slot)
-    if sh == sw == 1:
-        grid = phases[:, :, 0, :padded_h * padded_w].view(batch, channels, padded_h, padded_w)
-        grid[:, :, ph:ph + height, pw:pw + width] = x
-    else:
-        padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-        for py in range(sh):
-            for px in range(sw):
-                part = padded[:, :, py::sh, px::sw]
-                grid = phases[:, :, py * sw + px, :phase_h * phase_w]
-                grid.view(batch, channels, phase_h, phase_w)[
-                    :, :, :part.shape[2], :part.shape[3]] = part
-    offsets = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * slot
-               + (ky * dh // sh) * phase_w + kx * dw // sw
-               for ky in range(kh) for kx in range(kw)]
     kernels = kernels.contiguous()
-    cols = out_h * phase_w  # whole grid rows; the columns past out_w are dropped below
-    out = torch.empty(batch, kernels.shape[2], cols, dtype=torch.float32)
-    lib.kw_conv_taps(batch, kernels.shape[2], cols, channels, kh * kw, kernels.data_ptr(),
+    phases = source.phases
+    out = source.output(batch, kernels.shape[2])
+    lib.kw_conv_taps(batch, kernels.shape[2], source.cols, channels, taps, kernels.data_ptr(),
                      kernels.stride(0), phases.data_ptr(), phases.stride(0), phases.stride(1),
-                     (ctypes.c_int64 * len(offsets))(*offsets), out.data_ptr(), out.stride(0),
-                     out.stride(1), torch.get_num_threads())
-    return out.view(batch, -1, out_h, phase_w)[..., :out_w].contiguous()
+                     source.offsets, out.data_ptr(), out.stride(0), out.stride(1),
+                     torch.get_num_threads())
+    return source.crop(out)
+
+
+def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
+                      kernel_size: Tuple[int, int], stride: Tuple[int, int],
+                      padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """:func:`conv2d_taps` of the kernels ``alpha @ cells`` without building them:
+    ``alpha [B, kh·kw, n]`` (one mixture per kernel position), ``cells [n, out·in]``.
+
+    No autograd (inference). ``kw_fused_taps`` assembles each strip of 8 output
+    channels of every sample's kernel into a per-thread buffer and convolves
+    with it at once, so the per-sample kernels (B × the layer's parameters)
+    are neither written to memory nor read back.
+    """
+    lib, source = _taps_setup('fused_conv2d_taps', x, kernel_size, stride, padding, dilation,
+                              alpha=alpha, cells=cells)
+    batch, channels = x.shape[:2]
+    taps = kernel_size[0] * kernel_size[1]
+    if (alpha.dim() != 3 or alpha.shape[:2] != (batch, taps) or cells.dim() != 2
+            or cells.shape[0] != alpha.shape[2] or cells.shape[1] % channels):
+        raise ValueError(f'fused_conv2d_taps: alpha {tuple(alpha.shape)} and cells '
+                         f'{tuple(cells.shape)} do not fit input {tuple(x.shape)} and kernel '
+                         f'size {kernel_size}')
+    out_channels = cells.shape[1] // channels
+    alpha = alpha.reshape(batch * taps, -1).contiguous()
+    cells = _rows(cells)
+    phases = source.phases
+    out = source.output(batch, out_channels)
+    failed = lib.kw_fused_taps(
+        batch, out_channels, source.cols, channels, taps, cells.shape[0], alpha.data_ptr(),
+        alpha.stride(0), cells.data_ptr(), cells.stride(0), phases.data_ptr(),
+        phases.stride(0), phases.stride(1), source.offsets, out.data_ptr(), out.stride(0),
+        out.stride(1), torch.get_num_threads())
+    if failed:
+        raise MemoryError('kw_fused_taps: could not allocate its per-thread buffers')
+    return source.crop(out)
 
 
 def gemm_nt(g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

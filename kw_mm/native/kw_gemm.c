@@ -126,6 +126,14 @@ static int64_t padded_cols(int64_t N, int64_t width)
     return full + (N - full + 15) / 16 * 16;
 }
 
+/* Whether 8 × 48 tiles compute less padding than 6 × 64 ones for C[M, N]. */
+static int tall_tiles(int64_t M, int64_t N)
+{
+    double work_tall = (double)((M + 7) / 8 * 8) * (double)padded_cols(N, 48);
+    double work_wide = (double)((M + 5) / 6 * 6) * (double)padded_cols(N, 64);
+    return work_tall <= work_wide;
+}
+
 /* C_b = A_b · B_b for b < batch, the operands of sample b at b · (sa, sb, sc)
  * floats from the first; A_b[r, k] at A + b·sa + r·ars + k·aks. The work is
  * split into (sample, column tile, row range) units: one row range when there
@@ -140,10 +148,7 @@ static void nn_run(int64_t batch, int64_t M, int64_t N, int64_t K,
     if (nthreads < 1) nthreads = 1;
     /* an output larger than a typical L3 share is not read back soon enough to keep */
     int stream = (double)M * (double)N * 4.0 > 16.0 * 1024 * 1024;
-    /* the tile shape that computes the least padding */
-    double work_tall = (double)((M + 7) / 8 * 8) * (double)padded_cols(N, 48);
-    double work_wide = (double)((M + 5) / 6 * 6) * (double)padded_cols(N, 64);
-    int tall = work_tall <= work_wide;
+    int tall = tall_tiles(M, N);
     const int64_t R = tall ? 8 : 6, width = tall ? 48 : 64;
     int64_t tiles = (N + width - 1) / width, strips = (M + R - 1) / R;
     int64_t ranges = 1, wanted = 4 * (int64_t)nthreads;
@@ -196,6 +201,52 @@ void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
 {
     taps_t kernel = {taps, M * K, b_off};
     nn_run(batch, M, N, K, A, sa, K, 1, B, sb, ldb, C, sc, ldc, &kernel, nthreads);
+}
+
+/* A k×k KW convolution's inference without its per-sample kernels in memory:
+ * for each strip of SR output channels, the strip of every sample's kernel is
+ * assembled into a per-thread buffer, W[(b, t), r·K + k] = Σ_j α[(b, t), j] ·
+ * E[j, (r0 + r)·K + k] (α [batch·taps, ncells] with row stride lda; E the
+ * cells [ncells, M·K], row stride lde), and used at once by kw_conv_taps' sum
+ * of products for that strip of C. Returns 0, or -1 if the buffers could not
+ * be allocated (C untouched). */
+#define FUSED_STRIP 8
+int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+                  int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
+                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                  float *C, int64_t sc, int64_t ldc, int nthreads)
+{
+    if (nthreads < 1) nthreads = 1;
+    const int64_t SR = FUSED_STRIP, rows_a = batch * taps, cols_a = SR * K;
+    size_t per_thread = ((size_t)rows_a * cols_a + 15) / 16 * 16;
+    float *work = aligned_alloc(64, per_thread * nthreads * sizeof(float));
+    if (!work) return -1;
+    taps_t one = {1, 0, no_offset}, kernel = {taps, cols_a, b_off};
+    int tall_a = tall_tiles(rows_a, cols_a), tall_c = tall_tiles(SR, N);
+    int64_t width_a = tall_a ? 48 : 64, width_c = tall_c ? 48 : 64;
+    int64_t strips = (M + SR - 1) / SR;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *W = work + per_thread * tid;
+        #pragma omp for schedule(static)
+        for (int64_t s = 0; s < strips; ++s) {
+            int64_t r0 = s * SR, rows = M - r0 < SR ? M - r0 : SR, used = rows * K;
+            for (int64_t j = 0; j < used; j += width_a)
+                nn_strip(tall_a, 0, rows_a, j, used - j < width_a ? used - j : width_a, ncells,
+                         alpha, lda, 1, E + r0 * K, lde, W, cols_a, 0, &one);
+            for (int64_t b = 0; b < batch; ++b)
+                for (int64_t j = 0; j < N; j += width_c)
+                    nn_strip(tall_c, 0, rows, j, N - j < width_c ? N - j : width_c, K,
+                             W + b * taps * cols_a, K, 1, B + b * sb, ldb,
+                             C + b * sc + r0 * ldc, ldc, 0, &kernel);
+        }
+    }
+    free(work);
+    return 0;
 }
 
 #define NT_ROWS 4   /* rows of G per register tile */
@@ -296,5 +347,9 @@ void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
                   const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
+int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+                  int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
+                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                  float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 
 #endif

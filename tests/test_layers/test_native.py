@@ -188,25 +188,57 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
 
 
 @needs_native
-@pytest.mark.parametrize('make', [
-    lambda: KWConv2d(16, 16, 3, padding=1, bias=False),
-    lambda: KWConv2d(16, 32, 3, stride=2, padding=1),
-    lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)),  # odd 'same' padding
+@pytest.mark.parametrize('make,fused', [
+    (lambda: KWConv2d(16, 16, 3, padding=1, bias=False), True),
+    (lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5), False),  # 2 groups
+    (lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)), True),  # odd 'same'
 ])
 @pytest.mark.parametrize('train', [False, True])
-def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatch):
+def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, monkeypatch):
     used = []
-    taps = native.conv2d_taps
-    monkeypatch.setattr(native, 'conv2d_taps', lambda *a: used.append(1) or taps(*a))
+    for name in ('conv2d_taps', 'fused_conv2d_taps'):
+        monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), k=name:
+                            used.append(k) or f(*a))
     monkeypatch.setattr(native, 'MIN_MACS', 0)
     torch.manual_seed(0)
     layer = make().train(train)
     set_temperature(layer, 0.3)
     x = torch.randn(3, 16, 10, 10)
     with torch.no_grad():
-        out, ref = layer(x), layer.reference_forward(x)
-    assert used, 'conv2d_taps was not used'
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        ref = layer.reference_forward(x)
+        inference = layer(x)  # no graph: the kernels assembled inside the convolution
+    assert used == ['fused_conv2d_taps' if fused else 'conv2d_taps']
+    with_graph = layer(x)
+    assert used[-1] == 'conv2d_taps'
+    for out in (inference, with_graph.detach()):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding', [
+    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1)),      # out_c not a multiple of the strip of 8
+    (2, 16, 20, (7, 7), (3, 3), (2, 2), (1, 1)),
+    (1, 8, 16, (6, 5), (1, 3), (1, 1), (0, 1)),
+])
+def test_fused_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
+                                           threads):
+    torch.manual_seed(0)
+    taps, n = kernel[0] * kernel[1], 11
+    x = torch.randn(batch, in_c, *size)
+    alpha, cells = torch.randn(batch, taps, n), torch.randn(n, out_c * in_c)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.fused_conv2d_taps(x, alpha[..., :n], cells, kernel, stride, padding, (1, 1))
+    finally:
+        torch.set_num_threads(before)
+    kernels = (alpha.double() @ cells.double()).view(batch, taps, out_c, in_c)
+    ref = per_sample_conv64(x, kernels, kernel, stride, padding, (1, 1))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5,
+                               atol=1e-5 * math.sqrt(in_c * taps * n))
+    with pytest.raises(ValueError, match='do not fit'):
+        native.fused_conv2d_taps(x, alpha[:, :1], cells, kernel, stride, padding, (1, 1))
 
 
 @needs_native
