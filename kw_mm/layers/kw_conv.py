@@ -19,6 +19,7 @@ warehouse (deepcopy's memo maps the shared object once).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -307,27 +308,32 @@ class _KWConvNd(_KWLayer):
                                           self._explicit_padding()[0], self.dilation,
                                           self.groups)
 
+    def _taps_macs(self, x: torch.Tensor) -> Optional[int]:
+        """Multiply-adds of this layer on ``x`` (from ``_per_sample_input``) where
+        its kernels can run as :func:`kw_mm.native.conv2d_taps` reads them (2-d,
+        one group, each kernel position's mixtures spanning all input channels)
+        and :func:`kw_mm.native.conv2d_taps_pays`; else None."""
+        plan = self.layer_plan
+        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and plan.in_groups == 1):
+            return None
+        out_h, out_w = native.conv2d_output_size(x.shape[2:], self.kernel_size, self.stride,
+                                                 self._explicit_padding()[0], self.dilation)
+        kernel_numel = self.out_channels * self.in_channels * math.prod(self.kernel_size)
+        if not native.conv2d_taps_pays(kernel_numel, out_h, out_w, self.stride):
+            return None
+        return x.shape[0] * kernel_numel * out_h * out_w
+
     def apply_kernels_native(self, x: torch.Tensor, mixed: torch.Tensor
                              ) -> Optional[torch.Tensor]:
         """All samples ``x [B, C, *S]`` (from ``_per_sample_input``) through their
         mixtures ``[B, m, cell numel]`` with :func:`kw_mm.native.conv2d_taps`,
         which reads the mixtures as they are; None where it does not apply
-        (not 2-d, groups, cells narrower than the input channels, whole-kernel or
-        strided mixtures, :func:`kw_mm.native.conv2d_taps_pays` or
-        :func:`kw_mm.native.usable` says no)."""
-        plan = self.layer_plan
-        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and plan.in_groups == 1
-                and mixed.is_contiguous()):  # (private cells mix into a strided tensor)
+        (see :meth:`_taps_macs`; strided mixtures; :func:`kw_mm.native.usable`)."""
+        macs = self._taps_macs(x)
+        # (private cells mix into a strided tensor)
+        if macs is None or not mixed.is_contiguous() or not native.usable(x, mixed, macs):
             return None
-        kh, kw = self.kernel_size
-        (ph, pw), (sh, sw), (dh, dw) = self._explicit_padding()[0], self.stride, self.dilation
-        out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        kernel_numel = mixed[0].numel()
-        if not (native.conv2d_taps_pays(kernel_numel, out_h, out_w, self.stride)
-                and native.usable(x, mixed, x.shape[0] * kernel_numel * out_h * out_w)):
-            return None
-        kernels = mixed.view(x.shape[0], kh * kw, self.out_channels, self.in_channels)
+        kernels = mixed.view(x.shape[0], -1, self.out_channels, self.in_channels)
         return native.conv2d_taps(x, kernels, self.kernel_size, self.stride,
                                   self._explicit_padding()[0], self.dilation)
 
@@ -336,18 +342,11 @@ class _KWConvNd(_KWLayer):
         assembled strip by strip inside the convolution, never stored), where
         :meth:`apply_kernels_native` would run and each mixture is one kernel
         position's whole [out, in] matrix; else None."""
-        plan = self.layer_plan
         wh = self.kw_warehouse.plan
-        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and not wh.private_cells
-                and plan.in_groups == 1 and plan.out_groups == 1):
+        if wh.private_cells or self.layer_plan.out_groups != 1:
             return None
-        kh, kw = self.kernel_size
-        (ph, pw), (sh, sw), (dh, dw) = self._explicit_padding()[0], self.stride, self.dilation
-        out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        kernel_numel = kh * kw * self.out_channels * self.in_channels
-        if not (native.conv2d_taps_pays(kernel_numel, out_h, out_w, self.stride)
-                and native.usable(x, alpha, x.shape[0] * kernel_numel * out_h * out_w)):
+        macs = self._taps_macs(x)
+        if macs is None or not native.usable(x, alpha, macs):
             return None
         cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1)
         return native.fused_conv2d_taps(x, alpha, cells, self.kernel_size, self.stride,

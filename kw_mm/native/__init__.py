@@ -32,7 +32,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -281,6 +281,14 @@ def conv2d_taps_pays(kernel_numel: int, out_h: int, out_w: int, stride: Tuple[in
     return tiles * kernel_numel * 4 <= TAPS_KERNEL_TRAFFIC
 
 
+def conv2d_output_size(size: Sequence[int], kernel_size: Tuple[int, int],
+                       stride: Tuple[int, int], padding: Tuple[int, int],
+                       dilation: Tuple[int, int]) -> Tuple[int, int]:
+    """Output height and width of a 2-d convolution with symmetric zero padding."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation))
+
+
 class _TapsInput:
     """The input of a per-sample 2-d convolution laid out for ``kw_conv_taps``:
     zero-padded once and, for stride ``s > 1``, split into its ``s × s`` phases
@@ -302,8 +310,8 @@ class _TapsInput:
         batch, channels, height, width = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
         padded_h, padded_w = height + 2 * ph, width + 2 * pw
-        self.out_h = (padded_h - dh * (kh - 1) - 1) // sh + 1
-        self.out_w = (padded_w - dw * (kw - 1) - 1) // sw + 1
+        self.out_h, self.out_w = conv2d_output_size((height, width), kernel_size, stride,
+                                                    padding, dilation)
         if self.out_h < 1 or self.out_w < 1:
             raise ValueError(f'{name}: input {tuple(x.shape)} padded by {padding} is smaller '
                              f'than kernel_size={kernel_size} at dilation={dilation}')
