@@ -226,7 +226,9 @@ class _KWConvNd(_KWLayer):
             # faster where the native kernels run: the pointwise product, conv2d_taps)
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
-            out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
+            out = None if torch.is_grad_enabled() else self._fused_inference(x, alpha)
+            if out is None:
+                out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
         elif not x.is_cuda and self.in_channels != self.groups:
             # CPU, dense or grouped: per sample, kernels reordered one at a time (per_sample.py);
             # depth-wise ones run fastest as one convolution with B× the groups (below)
@@ -308,13 +310,15 @@ class _KWConvNd(_KWLayer):
                                           self._explicit_padding()[0], self.dilation,
                                           self.groups)
 
-    def _taps_macs(self, x: torch.Tensor) -> Optional[int]:
+    def _taps_macs(self, x: torch.Tensor, any_in_groups: bool = False) -> Optional[int]:
         """Multiply-adds of this layer on ``x`` (from ``_per_sample_input``) where
         its kernels can run as :func:`kw_mm.native.conv2d_taps` reads them (2-d,
-        one group, each kernel position's mixtures spanning all input channels)
-        and :func:`kw_mm.native.conv2d_taps_pays`; else None."""
+        one group, each kernel position's mixtures spanning all input channels,
+        or ``any_in_groups`` for :func:`kw_mm.native.fused_conv2d_taps`) and
+        :func:`kw_mm.native.conv2d_taps_pays`; else None."""
         plan = self.layer_plan
-        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned and plan.in_groups == 1):
+        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned
+                and (any_in_groups or plan.in_groups == 1)):
             return None
         out_h, out_w = native.conv2d_output_size(x.shape[2:], self.kernel_size, self.stride,
                                                  self._explicit_padding()[0], self.dilation)
@@ -339,18 +343,28 @@ class _KWConvNd(_KWLayer):
 
     def _fused_inference(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
         """Inference through :func:`kw_mm.native.fused_conv2d_taps` (the kernels
-        assembled strip by strip inside the convolution, never stored), where
-        :meth:`apply_kernels_native` would run and each mixture is one kernel
-        position's whole [out, in] matrix; else None."""
-        wh = self.kw_warehouse.plan
-        if wh.private_cells or self.layer_plan.out_groups != 1:
+        assembled strip by strip inside the convolution, never stored) for
+        2-d layers with one group and shared cells: 1×1 ones on small maps,
+        k×k ones where :meth:`apply_kernels_native` would run; else None."""
+        plan, wh = self.layer_plan, self.kw_warehouse.plan
+        if wh.private_cells or not (self.ndim == 2 and self.groups == 1 and plan.partitioned):
             return None
-        macs = self._taps_macs(x)
+        if self._pointwise:
+            if self.stride != (1, 1):
+                x = x[:, :, ::self.stride[0], ::self.stride[1]]
+            macs = x.shape[0] * self.out_channels * self.in_channels * x.shape[2] * x.shape[3]
+            if not native.fused_pointwise_pays(wh.num_cells, x.shape[2] * x.shape[3]):
+                return None
+            geometry = ((1, 1), (1, 1), (0, 0), (1, 1))
+        else:
+            macs = self._taps_macs(x, any_in_groups=True)
+            geometry = (self.kernel_size, self.stride, self._explicit_padding()[0],
+                        self.dilation)
         if macs is None or not native.usable(x, alpha, macs):
             return None
         cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1)
-        return native.fused_conv2d_taps(x, alpha, cells, self.kernel_size, self.stride,
-                                        self._explicit_padding()[0], self.dilation)
+        return native.fused_conv2d_taps(x, alpha, cells, *geometry,
+                                        cell_groups=(plan.out_groups, plan.in_groups))
 
     def apply_kernel_backward(self, grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
                               need_x: bool, need_kernel: bool

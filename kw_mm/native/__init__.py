@@ -119,8 +119,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
                                  ptr, i64, i64, ctypes.c_int]
     lib.kw_fused_taps.restype = ctypes.c_int
-    lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64,
-                                  i64, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
+                                  ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.kw_gemm_nt.restype = ctypes.c_int
     lib.kw_gemm_nt.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
     return lib
@@ -315,6 +315,11 @@ class _TapsInput:
         if self.out_h < 1 or self.out_w < 1:
             raise ValueError(f'{name}: input {tuple(x.shape)} padded by {padding} is smaller '
                              f'than kernel_size={kernel_size} at dilation={dilation}')
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):  # the input as it is
+            self.phases = x.contiguous().view(batch, channels, 1, height * width)
+            self.offsets = (ctypes.c_int64 * 1)(0)
+            self.grid_w, self.cols = width, height * width
+            return
         phase_h, phase_w = -(-padded_h // sh), -(-padded_w // sw)
         reach_w = dw * (kw - 1) // sw  # the last kernel column reads this far past a grid row
         slot = phase_h * phase_w + reach_w
@@ -389,36 +394,69 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
     return source.crop(out)
 
 
+#: 1×1 layers run fused (:func:`fused_conv2d_taps`) where their positions per
+#: sample are at most this many times the warehouse's cells: where assembly
+#: is a large share of the layer's arithmetic, so that not writing and
+#: re-reading the kernels pays (ResNet50's last two stages at 224², on the
+#: reference CPU; not its earlier stages, nor detection-size maps)
+FUSED_POINTWISE_POSITIONS_PER_CELL = 1.5
+
+
+def fused_pointwise_pays(cells: int, positions: int) -> bool:
+    """Whether a 1×1 KW layer should run as :func:`fused_conv2d_taps` in inference."""
+    return positions <= FUSED_POINTWISE_POSITIONS_PER_CELL * cells
+
+
 def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
                       kernel_size: Tuple[int, int], stride: Tuple[int, int],
-                      padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
-    """:func:`conv2d_taps` of the kernels ``alpha @ cells`` without building them:
-    ``alpha [B, kh·kw, n]`` (one mixture per kernel position), ``cells [n, out·in]``.
+                      padding: Tuple[int, int], dilation: Tuple[int, int],
+                      cell_groups: Tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """:func:`conv2d_taps` of the kernels ``alpha @ cells`` without building them.
 
-    No autograd (inference). ``kw_fused_taps`` assembles each strip of 8 output
-    channels of every sample's kernel into a per-thread buffer and convolves
-    with it at once, so the per-sample kernels (B × the layer's parameters)
-    are neither written to memory nor read back.
+    ``alpha [B, m, n]``, ``cells [n, cell_out·cell_in]``; with
+    ``cell_groups = (G_out, G_in)`` the layer's ``out = G_out·cell_out`` and
+    ``in = G_in·cell_in`` channels are split into groups, and mixture
+    ``i = (s·G_out + o)·G_in + c`` (``m = kh·kw·G_out·G_in`` of them) is the
+    block of kernel position ``s``, output group ``o`` and input group ``c``
+    (the layout of KW's kernel partition).
+
+    No autograd (inference). ``kw_fused_taps`` assembles each strip of 8 rows
+    of every sample's mixtures into a per-thread buffer and convolves with it
+    at once, so the per-sample kernels (B × the layer's parameters) are neither
+    written to memory nor read back.
     """
     lib, source = _taps_setup('fused_conv2d_taps', x, kernel_size, stride, padding, dilation,
                               alpha=alpha, cells=cells)
     batch, channels = x.shape[:2]
-    taps = kernel_size[0] * kernel_size[1]
-    if (alpha.dim() != 3 or alpha.shape[:2] != (batch, taps) or cells.dim() != 2
-            or cells.shape[0] != alpha.shape[2] or cells.shape[1] % channels):
+    positions = kernel_size[0] * kernel_size[1]
+    g_out, g_in = cell_groups
+    if g_out < 1 or g_in < 1:
+        raise ValueError(f'fused_conv2d_taps: cell_groups must be two positive ints, got '
+                         f'{cell_groups}')
+    mixtures = positions * g_out * g_in
+    cell_in = channels // g_in
+    if (alpha.dim() != 3 or alpha.shape[:2] != (batch, mixtures) or cells.dim() != 2
+            or cells.shape[0] != alpha.shape[2] or channels % g_in
+            or cells.shape[1] % cell_in):
         raise ValueError(f'fused_conv2d_taps: alpha {tuple(alpha.shape)} and cells '
-                         f'{tuple(cells.shape)} do not fit input {tuple(x.shape)} and kernel '
-                         f'size {kernel_size}')
-    out_channels = cells.shape[1] // channels
-    alpha = alpha.reshape(batch * taps, -1).contiguous()
+                         f'{tuple(cells.shape)} do not fit input {tuple(x.shape)}, kernel '
+                         f'size {kernel_size} and cell_groups {cell_groups}')
+    cell_out = cells.shape[1] // cell_in
+    taps = positions * g_in
+    alpha = alpha.reshape(batch * mixtures, -1).contiguous()
     cells = _rows(cells)
     phases = source.phases
-    out = source.output(batch, out_channels)
+    ldb = phases.stride(1)
+    b_off = (ctypes.c_int64 * taps)(*[source.offsets[s] + c * cell_in * ldb
+                                       for s in range(positions) for c in range(g_in)])
+    mix = (ctypes.c_int64 * mixtures)(*[(s * g_out + o) * g_in + c for o in range(g_out)
+                                         for s in range(positions) for c in range(g_in)])
+    out = source.output(batch, g_out * cell_out)
     failed = lib.kw_fused_taps(
-        batch, out_channels, source.cols, channels, taps, cells.shape[0], alpha.data_ptr(),
-        alpha.stride(0), cells.data_ptr(), cells.stride(0), phases.data_ptr(),
-        phases.stride(0), phases.stride(1), source.offsets, out.data_ptr(), out.stride(0),
-        out.stride(1), torch.get_num_threads())
+        batch, cell_out, source.cols, cell_in, taps, g_out, cells.shape[0],
+        alpha.data_ptr(), alpha.stride(0), cells.data_ptr(), cells.stride(0), phases.data_ptr(),
+        phases.stride(0), ldb, b_off, mix, out.data_ptr(), out.stride(0), out.stride(1),
+        torch.get_num_threads())
     if failed:
         raise MemoryError('kw_fused_taps: could not allocate its per-thread buffers')
     return source.crop(out)

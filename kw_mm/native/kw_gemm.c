@@ -35,13 +35,14 @@ static inline __mmask16 lane_mask(int64_t remaining)
 }
 
 /* A sum of products C = Σ_t A_t · B_t over "taps" t < count, A_t at
- * A + t·a_step and B_t at B + b_off[t] (a plain product: one tap at 0). With
- * B a zero-padded image [K, rows × width] and b_off[t] the offset of kernel
- * position t, this is a stride-1 convolution over that padded grid (see
- * kw_conv_taps; a strided one reads the image's phases). */
+ * A + a_off[t] (or A + t·a_step where a_off is NULL) and B_t at B + b_off[t]
+ * (a plain product: one tap at 0). With B a zero-padded image [K, rows ×
+ * width] and b_off[t] the offset of kernel position t, this is a stride-1
+ * convolution over that padded grid (see kw_conv_taps; a strided one reads
+ * the image's phases). */
 typedef struct {
     int64_t count, a_step;
-    const int64_t *b_off;
+    const int64_t *b_off, *a_off;
 } taps_t;
 
 static const int64_t no_offset[1] = {0};
@@ -63,7 +64,8 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
     for (int64_t t = 0; t < taps->count; ++t) {
-        for (int r = 0; r < R; ++r) a[r] = A + t * taps->a_step + (r < rows ? r : rows - 1) * ars;
+        const float *At = A + (taps->a_off ? taps->a_off[t] : t * taps->a_step);
+        for (int r = 0; r < R; ++r) a[r] = At + (r < rows ? r : rows - 1) * ars;
         const float *Bt = B + taps->b_off[t];
         for (int64_t k = 0; k < K; ++k) {
             const float *b = Bt + k * ldb;
@@ -179,7 +181,7 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         const float *B, int64_t sb, int64_t ldb,
                         float *C, int64_t sc, int64_t ldc, int nthreads)
 {
-    taps_t one = {1, 0, no_offset};
+    taps_t one = {1, 0, no_offset, NULL};
     nn_run(batch, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, ldc, &one, nthreads);
 }
 
@@ -199,29 +201,41 @@ void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
                   const float *A, int64_t sa, const float *B, int64_t sb, int64_t ldb,
                   const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads)
 {
-    taps_t kernel = {taps, M * K, b_off};
+    taps_t kernel = {taps, M * K, b_off, NULL};
     nn_run(batch, M, N, K, A, sa, K, 1, B, sb, ldb, C, sc, ldc, &kernel, nthreads);
 }
 
-/* A k×k KW convolution's inference without its per-sample kernels in memory:
- * for each strip of SR output channels, the strip of every sample's kernel is
- * assembled into a per-thread buffer, W[(b, t), r·K + k] = Σ_j α[(b, t), j] ·
- * E[j, (r0 + r)·K + k] (α [batch·taps, ncells] with row stride lda; E the
- * cells [ncells, M·K], row stride lde), and used at once by kw_conv_taps' sum
- * of products for that strip of C. Returns 0, or -1 if the buffers could not
- * be allocated (C untouched). */
+/* A KW convolution's inference without its per-sample kernels in memory.
+ * The layer has gout output groups of M channels each and m = gout · taps
+ * mixtures per sample; mixture mix[o·taps + t] of a sample is group o's
+ * kernel for tap t (a kernel position, or a kernel position and a group of
+ * K input channels: b_off[t] points into the input accordingly), an [M, K]
+ * matrix. Its values are α[(b, i)] · E: α [batch·m, ncells] with row stride
+ * lda, E the cells [ncells, M·K] with row stride lde.
+ *
+ * For each strip of FUSED_STRIP rows of the cells, that strip of every mixture
+ * of every sample is assembled into a per-thread buffer (one pass over that
+ * strip of E for all of them) and used at once by kw_conv_taps' sum of
+ * products for those rows of every output group. Returns 0, or -1 if the
+ * buffers could not be allocated (C untouched). */
 #define FUSED_STRIP 8
-int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
                   const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  float *C, int64_t sc, int64_t ldc, int nthreads)
+                  const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads)
 {
     if (nthreads < 1) nthreads = 1;
-    const int64_t SR = FUSED_STRIP, rows_a = batch * taps, cols_a = SR * K;
+    const int64_t SR = FUSED_STRIP, m = gout * taps, rows_a = batch * m, cols_a = SR * K;
     size_t per_thread = ((size_t)rows_a * cols_a + 15) / 16 * 16;
     float *work = aligned_alloc(64, per_thread * nthreads * sizeof(float));
-    if (!work) return -1;
-    taps_t one = {1, 0, no_offset}, kernel = {taps, cols_a, b_off};
+    int64_t *a_off = malloc((size_t)m * sizeof(int64_t));
+    if (!work || !a_off) {
+        free(work);
+        free(a_off);
+        return -1;
+    }
+    for (int64_t i = 0; i < m; ++i) a_off[i] = mix[i] * cols_a;
+    taps_t one = {1, 0, no_offset, NULL};
     int tall_a = tall_tiles(rows_a, cols_a), tall_c = tall_tiles(SR, N);
     int64_t width_a = tall_a ? 48 : 64, width_c = tall_c ? 48 : 64;
     int64_t strips = (M + SR - 1) / SR;
@@ -239,13 +253,17 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
                 nn_strip(tall_a, 0, rows_a, j, used - j < width_a ? used - j : width_a, ncells,
                          alpha, lda, 1, E + r0 * K, lde, W, cols_a, 0, &one);
             for (int64_t b = 0; b < batch; ++b)
-                for (int64_t j = 0; j < N; j += width_c)
-                    nn_strip(tall_c, 0, rows, j, N - j < width_c ? N - j : width_c, K,
-                             W + b * taps * cols_a, K, 1, B + b * sb, ldb,
-                             C + b * sc + r0 * ldc, ldc, 0, &kernel);
+                for (int64_t o = 0; o < gout; ++o) {
+                    taps_t kernel = {taps, 0, b_off, a_off + o * taps};
+                    for (int64_t j = 0; j < N; j += width_c)
+                        nn_strip(tall_c, 0, rows, j, N - j < width_c ? N - j : width_c, K,
+                                 W + b * m * cols_a, K, 1, B + b * sb, ldb,
+                                 C + b * sc + (o * M + r0) * ldc, ldc, 0, &kernel);
+                }
         }
     }
     free(work);
+    free(a_off);
     return 0;
 }
 
@@ -347,9 +365,9 @@ void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
                   const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
-int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
                   const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
+                  const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 
 #endif

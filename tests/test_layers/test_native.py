@@ -190,15 +190,15 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
 @needs_native
 @pytest.mark.parametrize('make,fused', [
     (lambda: KWConv2d(16, 16, 3, padding=1, bias=False), True),
-    (lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5), False),  # 2 groups
+    (lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5), True),  # 2 groups
     (lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)), True),  # odd 'same'
 ])
 @pytest.mark.parametrize('train', [False, True])
 def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, monkeypatch):
     used = []
     for name in ('conv2d_taps', 'fused_conv2d_taps'):
-        monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), k=name:
-                            used.append(k) or f(*a))
+        monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), k=name, **kw:
+                            used.append(k) or f(*a, **kw))
     monkeypatch.setattr(native, 'MIN_MACS', 0)
     torch.manual_seed(0)
     layer = make().train(train)
@@ -214,31 +214,89 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, mon
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups):
+    """Each sample's kernel [B, out, in, kh, kw] in float64 from mixtures
+    ordered (position, output group, input group), as fused_conv2d_taps reads them."""
+    g_out, g_in = groups
+    batch, positions = alpha.shape[0], kernel[0] * kernel[1]
+    mixed = (alpha.double() @ cells.double()).view(batch, positions, g_out, g_in,
+                                                    out_c // g_out, in_c // g_in)
+    return mixed.permute(0, 2, 4, 3, 5, 1).reshape(batch, out_c, in_c, *kernel)
+
+
 @needs_native
 @pytest.mark.parametrize('threads', [1, 2])
-@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding', [
-    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1)),      # out_c not a multiple of the strip of 8
-    (2, 16, 20, (7, 7), (3, 3), (2, 2), (1, 1)),
-    (1, 8, 16, (6, 5), (1, 3), (1, 1), (0, 1)),
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,groups', [
+    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1)),  # out_c not a multiple of the strip of 8
+    (2, 16, 20, (7, 7), (3, 3), (2, 2), (1, 1), (1, 1)),
+    (1, 8, 16, (6, 5), (1, 3), (1, 1), (0, 1), (1, 1)),
+    (3, 12, 20, (5, 6), (1, 1), (1, 1), (0, 0), (2, 3)),  # 1×1 in cells of 10 × 4 channels
+    (2, 16, 44, (7, 7), (1, 1), (1, 1), (0, 0), (4, 1)),  # output groups of 11 channels
+    (2, 12, 16, (7, 8), (3, 3), (2, 2), (1, 1), (2, 3)),
 ])
 def test_fused_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
-                                           threads):
+                                           groups, threads):
     torch.manual_seed(0)
-    taps, n = kernel[0] * kernel[1], 11
+    mixtures, n = kernel[0] * kernel[1] * groups[0] * groups[1], 11
     x = torch.randn(batch, in_c, *size)
-    alpha, cells = torch.randn(batch, taps, n), torch.randn(n, out_c * in_c)
+    alpha = torch.randn(batch, mixtures, n)
+    cells = torch.randn(n, out_c // groups[0] * in_c // groups[1])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = native.fused_conv2d_taps(x, alpha[..., :n], cells, kernel, stride, padding, (1, 1))
+        out = native.fused_conv2d_taps(x, alpha, cells, kernel, stride, padding, (1, 1), groups)
     finally:
         torch.set_num_threads(before)
-    kernels = (alpha.double() @ cells.double()).view(batch, taps, out_c, in_c)
-    ref = per_sample_conv64(x, kernels, kernel, stride, padding, (1, 1))
+    kernels = per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups)
+    ref = torch.cat([torch.nn.functional.conv2d(x[b:b + 1].double(), kernels[b], None, stride,
+                                                padding) for b in range(batch)])
+    assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5,
-                               atol=1e-5 * math.sqrt(in_c * taps * n))
+                               atol=1e-5 * math.sqrt(in_c * kernel[0] * kernel[1] * n))
     with pytest.raises(ValueError, match='do not fit'):
-        native.fused_conv2d_taps(x, alpha[:, :1], cells, kernel, stride, padding, (1, 1))
+        native.fused_conv2d_taps(x, alpha[:, :1], cells, kernel, stride, padding, (1, 1), groups)
+    with pytest.raises(ValueError, match=r'cell_groups must be two positive ints, got \(0, 1\)'):
+        native.fused_conv2d_taps(x, alpha, cells, kernel, stride, padding, (1, 1), (0, 1))
+
+
+def test_fused_pointwise_is_chosen_where_assembly_is_a_large_share():
+    # ResNet50 at 224²: stage 3 (14², 138 cells) and stage 4 (7², 47 cells) fuse
+    assert native.fused_pointwise_pays(138, 14 * 14)
+    assert native.fused_pointwise_pays(47, 7 * 7)
+    assert not native.fused_pointwise_pays(104, 28 * 28)      # stage 2
+    assert not native.fused_pointwise_pays(47, 25 * 38)       # stage 4 at 800 × 1216
+
+
+@needs_native
+@pytest.mark.parametrize('make,size', [
+    (lambda: KWConv2d(16, 32, 1, bias=False, cell_in_ratio=0.5, cell_out_ratio=0.25), 5),
+    (lambda: KWConv2d(16, 24, 1, stride=2, cell_in_ratio=0.25), 7),    # a downsampling 1×1
+])
+def test_pointwise_layers_fuse_in_inference_only(make, size, monkeypatch):
+    used = []
+    fused = native.fused_conv2d_taps
+    monkeypatch.setattr(native, 'fused_conv2d_taps',
+                        lambda *a, **k: used.append(k['cell_groups']) or fused(*a, **k))
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 100)  # few cells here
+    torch.manual_seed(0)
+    layer = make().eval()
+    set_temperature(layer, 0.3)
+    plan = layer.layer_plan
+    assert plan.out_groups * plan.in_groups > 1
+    x = torch.randn(3, 16, size, size)
+    with torch.no_grad():
+        ref = layer.reference_forward(x)
+        inference = layer(x)
+    assert used == [(plan.out_groups, plan.in_groups)]
+    torch.testing.assert_close(inference, ref, rtol=1e-5, atol=1e-5)
+    with_graph = layer(x)  # training keeps the kernels for backward: not fused
+    assert len(used) == 1
+    torch.testing.assert_close(with_graph.detach(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert len(used) == 1  # a map too large for the cells: the batched product
 
 
 @needs_native
