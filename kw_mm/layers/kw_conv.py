@@ -341,6 +341,26 @@ class _KWConvNd(_KWLayer):
         return native.conv2d_taps(x, kernels, self.kernel_size, self.stride,
                                   self._explicit_padding()[0], self.dilation)
 
+    def apply_kernels_native_backward(self, grad: torch.Tensor, x: torch.Tensor,
+                                      mixed: torch.Tensor, need_x: bool, need_kernel: bool,
+                                      reuse_mixed: bool
+                                      ) -> Optional[Tuple[Optional[torch.Tensor],
+                                                          Optional[torch.Tensor]]]:
+        """Gradients of :meth:`apply_kernels_native` for ``x`` and ``mixed`` through
+        :func:`kw_mm.native.conv2d_taps_backward` (stride 1, small maps: see
+        :func:`kw_mm.native.conv2d_taps_backward_pays`), the mixtures' written
+        over ``mixed`` with ``reuse_mixed``; None where that does not apply."""
+        if self.stride != (1, 1) or grad.dtype != torch.float32:
+            return None
+        padding = self._explicit_padding()[0]
+        if not native.conv2d_taps_backward_pays(grad.shape[2], x.shape[3] + 2 * padding[1]):
+            return None
+        kernels = mixed.view(x.shape[0], -1, self.out_channels, self.in_channels)
+        grad_x, grad_kernels = native.conv2d_taps_backward(
+            x, kernels, grad, self.kernel_size, padding, self.dilation, need_x, need_kernel,
+            kernels if reuse_mixed else None)
+        return grad_x, None if grad_kernels is None else grad_kernels.view_as(mixed)
+
     def _fused_inference(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
         """Inference through :func:`kw_mm.native.fused_conv2d_taps` (the kernels
         assembled strip by strip inside the convolution, never stored) for

@@ -32,7 +32,9 @@ class PerSampleKernelConv(torch.autograd.Function):
     ``layer`` provides ``mixture_to_kernel`` / ``kernel_into_mixture_`` (the
     reorder and its inverse), ``apply_kernel`` and ``apply_kernel_backward``,
     and ``apply_kernels_native``: the forward of all samples at once straight
-    from the mixtures (native CPU kernels), or None where that does not apply.
+    from the mixtures (native CPU kernels), or None where that does not apply;
+    after it, ``apply_kernels_native_backward`` gives the backward the same
+    way, or None.
     Runs with autocast off: the caller casts ``x`` and ``mixed`` to the
     dtype the operation should run in. ``reuse_saved``: the saved ``mixed``
     is rebuilt for the backward pass and owned by it alone (kernel
@@ -47,6 +49,7 @@ class PerSampleKernelConv(torch.autograd.Function):
         ctx.reuse_saved = reuse_saved
         ctx.save_for_backward(x, mixed)
         out = layer.apply_kernels_native(x, mixed)
+        ctx.native = out is not None
         if out is not None:
             return out
         return torch.cat([layer.apply_kernel(x[b:b + 1], layer.mixture_to_kernel(mixed[b]))
@@ -58,6 +61,11 @@ class PerSampleKernelConv(torch.autograd.Function):
         x, mixed = ctx.saved_tensors
         layer = ctx.layer
         need_x, need_kernel = ctx.needs_input_grad[:2]
+        if ctx.native:  # all samples at once where the native backward applies
+            grads = layer.apply_kernels_native_backward(grad_out, x, mixed, need_x, need_kernel,
+                                                        ctx.reuse_saved)
+            if grads is not None:
+                return grads[0], grads[1], None, None
         grad_x = [] if need_x else None
         grad_mixed = None
         if need_kernel:

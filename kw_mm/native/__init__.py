@@ -116,8 +116,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_gemm_nn_batched.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64,
                                        ptr, i64, i64, ctypes.c_int]
     lib.kw_conv_taps.restype = None
-    lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
-                                 ptr, i64, i64, ctypes.c_int]
+    lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
+                                 i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.kw_fused_taps.restype = ctypes.c_int
     lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
@@ -387,11 +387,87 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
     kernels = kernels.contiguous()
     phases = source.phases
     out = source.output(batch, kernels.shape[2])
-    lib.kw_conv_taps(batch, kernels.shape[2], source.cols, channels, taps, kernels.data_ptr(),
-                     kernels.stride(0), phases.data_ptr(), phases.stride(0), phases.stride(1),
+    out_channels = kernels.shape[2]
+    lib.kw_conv_taps(batch, out_channels, source.cols, channels, taps, kernels.data_ptr(),
+                     kernels.stride(0), channels, 1, out_channels * channels,
+                     phases.data_ptr(), phases.stride(0), phases.stride(1),
                      source.offsets, out.data_ptr(), out.stride(0), out.stride(1),
                      torch.get_num_threads())
     return source.crop(out)
+
+
+#: the backward of a stride-1 :func:`conv2d_taps` runs natively for outputs of
+#: at most this many grid columns (rows × padded width) per sample: 7×7 and
+#: 14×14 maps, where per-sample oneDNN backward calls cost most (on the
+#: reference CPU 32 vs 52 ms for a 3×3 layer at 512 channels, 7×7, batch 8);
+#: larger maps keep oneDNN
+TAPS_BACKWARD_MAX_COLS = 256
+
+
+def conv2d_taps_backward_pays(out_h: int, grid_w: int) -> bool:
+    """Whether :func:`conv2d_taps_backward` is expected to beat per-sample oneDNN."""
+    return out_h * grid_w <= TAPS_BACKWARD_MAX_COLS
+
+
+def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Tensor,
+                         kernel_size: Tuple[int, int], padding: Tuple[int, int],
+                         dilation: Tuple[int, int], need_x: bool = True,
+                         need_kernels: bool = True, kernels_grad: Optional[torch.Tensor] = None
+                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of a stride-1 :func:`conv2d_taps` for ``x`` and ``kernels``
+    (None where not needed), given the output's gradient ``grad [B, out, H', W']``.
+
+    No autograd. The input's gradient is the output's gradient, laid on the
+    same padded grid, correlated with every kernel position transposed in
+    place (``kw_conv_taps`` reading ``kernels`` column-major); each kernel
+    position's gradient is one batched product ``grad @ (the input shifted to
+    that position)ᵀ``, written into ``kernels_grad [B, kh·kw, out, in]`` (a new
+    tensor if None; it may be ``kernels`` itself, which is read first).
+    """
+    lib, source = _taps_setup('conv2d_taps_backward', x, kernel_size, (1, 1), padding,
+                              dilation, kernels=kernels, grad=grad)
+    batch, channels, height, width = x.shape
+    taps = kernel_size[0] * kernel_size[1]
+    if (kernels.dim() != 4 or kernels.shape[0] != batch or kernels.shape[1] != taps
+            or kernels.shape[3] != channels or not kernels.is_contiguous()):
+        raise ValueError(f'conv2d_taps_backward: kernels of shape {tuple(kernels.shape)} '
+                         f'(contiguous) do not fit input {tuple(x.shape)} and kernel size '
+                         f'{kernel_size}')
+    out_channels = kernels.shape[2]
+    if tuple(grad.shape) != (batch, out_channels, source.out_h, source.out_w):
+        raise ValueError(f'conv2d_taps_backward: grad of shape {tuple(grad.shape)} does not '
+                         f'fit the output {(batch, out_channels, source.out_h, source.out_w)}')
+    grid_w, cols, offsets = source.grid_w, source.cols, list(source.offsets)
+    reach, first = max(offsets), padding[0] * grid_w  # grid index of the input's first row
+    # the output's gradient on the grid (zero in the junk columns), `reach` columns in
+    g_ext = grad.new_zeros(batch, out_channels,
+                           max(first + height * grid_w + reach, reach + cols))
+    g_grid = g_ext[:, :, reach:reach + cols]
+    g_grid.view(batch, out_channels, source.out_h, grid_w)[..., :source.out_w] = grad
+    grad_x = None
+    if need_x:
+        # input grid position p = first + j gathers grad at p − offset[t]
+        b_off = (ctypes.c_int64 * taps)(*[first + reach - o for o in offsets])
+        grad_grid = torch.empty(batch, channels, height * grid_w)
+        lib.kw_conv_taps(batch, channels, height * grid_w, out_channels, taps,
+                         kernels.data_ptr(), kernels.stride(0), 1, channels,
+                         out_channels * channels, g_ext.data_ptr(), g_ext.stride(0),
+                         g_ext.stride(1), b_off, grad_grid.data_ptr(), grad_grid.stride(0),
+                         grad_grid.stride(1), torch.get_num_threads())
+        left = padding[1]
+        grad_x = grad_grid.view(batch, channels, height, grid_w)[..., left:left + width]
+        grad_x = grad_x.contiguous()
+    if not need_kernels:
+        return grad_x, None
+    if kernels_grad is None:
+        kernels_grad = torch.empty_like(kernels)
+    phases = source.phases
+    for t, offset in enumerate(offsets):
+        shifted = phases.as_strided((batch, cols, channels), (phases.stride(0), 1,
+                                                              phases.stride(1)),
+                                    phases.storage_offset() + offset)
+        kernels_grad[:, t].copy_(torch.bmm(g_grid, shifted))
+    return grad_x, kernels_grad
 
 
 #: 1×1 layers run fused (:func:`fused_conv2d_taps`) where their positions per

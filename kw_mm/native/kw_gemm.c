@@ -196,13 +196,18 @@ void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
  * position outermost, as KW mixtures come out of the assembly):
  * C_b[:, q] = Σ_t A_b[t] · B_b[:, q + b_off[t]] for every grid position q < N.
  * For stride s the caller lays out the s × s phases of the image side by side
- * in each row of B and points each kernel position into its phase. */
+ * in each row of B and points each kernel position into its phase.
+ * A_b[t][r, k] is at A + b·sa + t·a_step + r·ars + k·aks: ars = K, aks = 1
+ * for the kernel itself; ars = 1, aks = M for its transpose per position
+ * (the input's gradient, a correlation of the output's gradient with the
+ * transposed kernel positions). */
 void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
-                  const float *A, int64_t sa, const float *B, int64_t sb, int64_t ldb,
-                  const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads)
+                  const float *A, int64_t sa, int64_t ars, int64_t aks, int64_t a_step,
+                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                  float *C, int64_t sc, int64_t ldc, int nthreads)
 {
-    taps_t kernel = {taps, M * K, b_off, NULL};
-    nn_run(batch, M, N, K, A, sa, K, 1, B, sb, ldb, C, sc, ldc, &kernel, nthreads);
+    taps_t kernel = {taps, a_step, b_off, NULL};
+    nn_run(batch, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, ldc, &kernel, nthreads);
 }
 
 /* A KW convolution's inference without its per-sample kernels in memory.
@@ -361,8 +366,9 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         const float *B, int64_t sb, int64_t ldb,
                         float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
-                  const float *A, int64_t sa, const float *B, int64_t sb, int64_t ldb,
-                  const int64_t *b_off, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
+                  const float *A, int64_t sa, int64_t ars, int64_t aks, int64_t a_step,
+                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                  float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
 int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,

@@ -214,6 +214,66 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, mon
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation', [
+    (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1)),
+    (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1)),    # rows of 8 and tails in both products
+    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2)),      # dilated, padded on one side only
+    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1)),      # more padding than the kernel reaches
+    (2, 6, 9, (5, 5), (1, 1), (0, 0), (1, 1)),
+])
+def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, padding,
+                                              dilation, threads):
+    torch.manual_seed(0)
+    taps = kernel[0] * kernel[1]
+    x, kernels = torch.randn(batch, in_c, *size), torch.randn(batch, taps, out_c, in_c)
+    x64, k64 = x.double().requires_grad_(), kernels.double().requires_grad_()
+    ref = per_sample_conv64(x64, k64, kernel, (1, 1), padding, dilation)
+    grad = torch.randn(ref.shape)
+    ref.backward(grad.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_x, grad_k = native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation)
+        reused = kernels.clone()
+        only_k = native.conv2d_taps_backward(x, reused, grad, kernel, padding, dilation,
+                                             need_x=False, kernels_grad=reused)
+    finally:
+        torch.set_num_threads(before)
+    scale = math.sqrt(max(in_c, out_c) * taps * size[0] * size[1])
+    torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(grad_k.double(), k64.grad, rtol=1e-5, atol=1e-5 * scale)
+    assert only_k[0] is None and only_k[1] is reused and torch.equal(reused, grad_k)
+    with pytest.raises(ValueError, match='grad of shape'):
+        native.conv2d_taps_backward(x, kernels, grad[..., 1:], kernel, padding, dilation)
+
+
+@needs_native
+@pytest.mark.parametrize('recompute', [False, True])
+def test_layers_take_the_native_backward_on_small_maps(recompute, monkeypatch):
+    used = []
+    backward = native.conv2d_taps_backward
+    monkeypatch.setattr(native, 'conv2d_taps_backward',
+                        lambda *a, **k: used.append(1) or backward(*a, **k))
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    results = []
+    for max_cols in (native.TAPS_BACKWARD_MAX_COLS, 0):  # native, then per-sample oneDNN
+        monkeypatch.setattr(native, 'TAPS_BACKWARD_MAX_COLS', max_cols)
+        torch.manual_seed(0)
+        layer = KWConv2d(16, 24, 3, padding=1, recompute_kernels=recompute).train()
+        set_temperature(layer, 0.3)
+        x = torch.randn(3, 16, 7, 7, requires_grad=True)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert len(used) == 1  # by the first pass only
+    for fast, ref in zip(*results):
+        assert (fast is None) == (ref is None)
+        if fast is not None:
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 def per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups):
     """Each sample's kernel [B, out, in, kh, kw] in float64 from mixtures
     ordered (position, output group, input group), as fused_conv2d_taps reads them."""
