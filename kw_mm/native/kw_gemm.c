@@ -89,6 +89,9 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
     }
 }
 
+#define PREFETCH_MAX_K 256
+#define PREFETCH_MIN_LDB 4096
+
 /* One column tile [j, j+cols) of C against rows [i0, i1), in register tiles of
  * 8 × 3 vectors (tall, 48 wide) or 6 × 4 (wide, 64 wide); a narrower tail tile
  * runs with fewer vectors. The literal shapes keep the accumulators in
@@ -102,6 +105,15 @@ static inline void nn_strip(int tall, int64_t i0, int64_t i1, int64_t j, int64_t
 {
     const int64_t R = tall ? 8 : 6;
     int vectors = (int)((cols + 15) / 16);
+    if (taps->count == 1 && K <= PREFETCH_MAX_K && ldb >= PREFETCH_MIN_LDB) {
+        /* a few long rows of B (the cells): each tile's panel is K short stretches
+         * far apart, more streams than the hardware prefetcher follows. Ask for
+         * the next tile's panel (into L2) while this one is computed. */
+        const float *next = B + j + cols;
+        for (int64_t k = 0; k < K; ++k)
+            for (int v = 0; v < vectors; ++v)
+                _mm_prefetch((const char *)(next + k * ldb + 16 * v), _MM_HINT_T1);
+    }
     for (int64_t i = i0; i < i1; i += R) {
         int64_t rows = i1 - i < R ? i1 - i : R;
         const float *a = A + i * ars;
