@@ -364,8 +364,9 @@ class _KWConvNd(_KWLayer):
     def _fused_inference(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
         """Inference through :func:`kw_mm.native.fused_conv2d_taps` (the kernels
         assembled strip by strip inside the convolution, never stored) for
-        2-d layers with one group and shared cells: 1×1 ones on small maps,
-        k×k ones where :meth:`apply_kernels_native` would run; else None."""
+        2-d layers with one group and shared cells, any cell groups: 1×1 ones
+        where :func:`kw_mm.native.fused_pointwise_pays`, k×k ones where
+        :func:`kw_mm.native.conv2d_taps_pays`; else None."""
         plan, wh = self.layer_plan, self.kw_warehouse.plan
         if wh.private_cells or not (self.ndim == 2 and self.groups == 1 and plan.partitioned):
             return None
@@ -382,7 +383,7 @@ class _KWConvNd(_KWLayer):
                         self.dilation)
         if macs is None or not native.usable(x, alpha, macs):
             return None
-        cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1)
+        cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1).to(x.dtype)
         return native.fused_conv2d_taps(x, alpha, cells, *geometry,
                                         cell_groups=(plan.out_groups, plan.in_groups))
 

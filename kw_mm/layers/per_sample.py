@@ -38,8 +38,9 @@ class PerSampleKernelConv(torch.autograd.Function):
     Runs with autocast off: the caller casts ``x`` and ``mixed`` to the
     dtype the operation should run in. ``reuse_saved``: the saved ``mixed``
     is rebuilt for the backward pass and owned by it alone (kernel
-    recomputation), so the backward may overwrite it with its gradient,
-    one sample after another, instead of allocating a second such tensor.
+    recomputation), so the backward may overwrite it with its gradient
+    (one sample after another, or one kernel position after another in the
+    native backward) instead of allocating a second such tensor.
     """
 
     @staticmethod

@@ -448,7 +448,7 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     if need_x:
         # input grid position p = first + j gathers grad at p − offset[t]
         b_off = (ctypes.c_int64 * taps)(*[first + reach - o for o in offsets])
-        grad_grid = torch.empty(batch, channels, height * grid_w)
+        grad_grid = torch.empty(batch, channels, height * grid_w, dtype=torch.float32)
         lib.kw_conv_taps(batch, channels, height * grid_w, out_channels, taps,
                          kernels.data_ptr(), kernels.stride(0), 1, channels,
                          out_channels * channels, g_ext.data_ptr(), g_ext.stride(0),

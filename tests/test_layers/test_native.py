@@ -188,13 +188,14 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
 
 
 @needs_native
-@pytest.mark.parametrize('make,fused', [
-    (lambda: KWConv2d(16, 16, 3, padding=1, bias=False), True),
-    (lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5), True),  # 2 groups
-    (lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)), True),  # odd 'same'
+@pytest.mark.parametrize('make', [
+    lambda: KWConv2d(16, 16, 3, padding=1, bias=False),
+    lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5),  # 2 output groups
+    lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)),  # odd 'same'
+    lambda: KWConv2d(16, 24, 3, padding=1, cell_in_ratio=0.5),  # 2 input groups: fused only
 ])
 @pytest.mark.parametrize('train', [False, True])
-def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, monkeypatch):
+def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatch):
     used = []
     for name in ('conv2d_taps', 'fused_conv2d_taps'):
         monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), k=name, **kw:
@@ -207,9 +208,9 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, mon
     with torch.no_grad():
         ref = layer.reference_forward(x)
         inference = layer(x)  # no graph: the kernels assembled inside the convolution
-    assert used == ['fused_conv2d_taps' if fused else 'conv2d_taps']
-    with_graph = layer(x)
-    assert used[-1] == 'conv2d_taps'
+    assert used == ['fused_conv2d_taps']
+    with_graph = layer(x)  # kernels kept for backward: conv2d_taps where cells span all inputs
+    assert used[1:] == (['conv2d_taps'] if layer.layer_plan.in_groups == 1 else [])
     for out in (inference, with_graph.detach()):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -219,8 +220,9 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, fused, train, mon
 @pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation', [
     (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1)),
     (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1)),    # rows of 8 and tails in both products
-    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2)),      # dilated, padded on one side only
-    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1)),      # more padding than the kernel reaches
+    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2)),      # dilated, padded in width only
+    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1)),
+    (2, 4, 6, (5, 6), (3, 3), (3, 1), (1, 1)),      # more padding than the kernel reaches
     (2, 6, 9, (5, 5), (1, 1), (0, 0), (1, 1)),
 ])
 def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, padding,
@@ -250,8 +252,30 @@ def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, 
 
 
 @needs_native
+def test_conv2d_taps_backward_ignores_the_default_dtype():
+    torch.manual_seed(0)
+    x, kernels, grad = torch.randn(2, 4, 6, 6), torch.randn(2, 9, 5, 4), torch.randn(2, 5, 6, 6)
+    expected = native.conv2d_taps_backward(x, kernels, grad, (3, 3), (1, 1), (1, 1))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = native.conv2d_taps_backward(x, kernels, grad, (3, 3), (1, 1), (1, 1))
+    finally:
+        torch.set_default_dtype(before)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@needs_native
 @pytest.mark.parametrize('recompute', [False, True])
-def test_layers_take_the_native_backward_on_small_maps(recompute, monkeypatch):
+@pytest.mark.parametrize('make,input_grad', [
+    (lambda r: KWConv2d(16, 24, 3, padding=1, recompute_kernels=r), True),
+    (lambda r: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2),
+                        recompute_kernels=r), True),   # odd 'same': the input padded first
+    (lambda r: KWConv2d(16, 24, 3, padding=1, recompute_kernels=r), False),  # a first layer
+])
+def test_layers_take_the_native_backward_on_small_maps(make, input_grad, recompute,
+                                                       monkeypatch):
     used = []
     backward = native.conv2d_taps_backward
     monkeypatch.setattr(native, 'conv2d_taps_backward',
@@ -261,9 +285,9 @@ def test_layers_take_the_native_backward_on_small_maps(recompute, monkeypatch):
     for max_cols in (native.TAPS_BACKWARD_MAX_COLS, 0):  # native, then per-sample oneDNN
         monkeypatch.setattr(native, 'TAPS_BACKWARD_MAX_COLS', max_cols)
         torch.manual_seed(0)
-        layer = KWConv2d(16, 24, 3, padding=1, recompute_kernels=recompute).train()
+        layer = make(recompute).train()
         set_temperature(layer, 0.3)
-        x = torch.randn(3, 16, 7, 7, requires_grad=True)
+        x = torch.randn(3, 16, 7, 7, requires_grad=input_grad)
         out = layer(x)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
