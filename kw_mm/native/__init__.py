@@ -365,6 +365,18 @@ def _taps_setup(name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
     return lib, _TapsInput(name, x, kernel_size, stride, padding, dilation)
 
 
+def _check_taps_kernels(name: str, kernels: torch.Tensor, x: torch.Tensor,
+                        kernel_size: Tuple[int, int], contiguous: bool = False) -> None:
+    """Raise unless ``kernels`` is ``[B, kh·kw, out, in]`` for ``x [B, in, H, W]``
+    (and contiguous, where ``contiguous``)."""
+    if (kernels.dim() != 4 or kernels.shape[0] != x.shape[0]
+            or kernels.shape[1] != kernel_size[0] * kernel_size[1]
+            or kernels.shape[3] != x.shape[1] or (contiguous and not kernels.is_contiguous())):
+        required = ' (contiguous)' if contiguous else ''
+        raise ValueError(f'{name}: kernels of shape {tuple(kernels.shape)}{required} do not fit '
+                         f'input {tuple(x.shape)} and kernel size {kernel_size}')
+
+
 def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, int],
                 stride: Tuple[int, int], padding: Tuple[int, int],
                 dilation: Tuple[int, int]) -> torch.Tensor:
@@ -380,14 +392,11 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
                               kernels=kernels)
     batch, channels = x.shape[:2]
     taps = kernel_size[0] * kernel_size[1]
-    if (kernels.dim() != 4 or kernels.shape[0] != batch or kernels.shape[1] != taps
-            or kernels.shape[3] != channels):
-        raise ValueError(f'conv2d_taps: kernels of shape {tuple(kernels.shape)} do not fit '
-                         f'input {tuple(x.shape)} and kernel size {kernel_size}')
+    _check_taps_kernels('conv2d_taps', kernels, x, kernel_size)
     kernels = kernels.contiguous()
     phases = source.phases
-    out = source.output(batch, kernels.shape[2])
     out_channels = kernels.shape[2]
+    out = source.output(batch, out_channels)
     lib.kw_conv_taps(batch, out_channels, source.cols, channels, taps, kernels.data_ptr(),
                      kernels.stride(0), channels, 1, out_channels * channels,
                      phases.data_ptr(), phases.stride(0), phases.stride(1),
@@ -428,11 +437,7 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
                               dilation, kernels=kernels, grad=grad)
     batch, channels, height, width = x.shape
     taps = kernel_size[0] * kernel_size[1]
-    if (kernels.dim() != 4 or kernels.shape[0] != batch or kernels.shape[1] != taps
-            or kernels.shape[3] != channels or not kernels.is_contiguous()):
-        raise ValueError(f'conv2d_taps_backward: kernels of shape {tuple(kernels.shape)} '
-                         f'(contiguous) do not fit input {tuple(x.shape)} and kernel size '
-                         f'{kernel_size}')
+    _check_taps_kernels('conv2d_taps_backward', kernels, x, kernel_size, contiguous=True)
     out_channels = kernels.shape[2]
     if tuple(grad.shape) != (batch, out_channels, source.out_h, source.out_w):
         raise ValueError(f'conv2d_taps_backward: grad of shape {tuple(grad.shape)} does not '
