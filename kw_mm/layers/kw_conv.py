@@ -227,6 +227,10 @@ class _KWConvNd(_KWLayer):
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
             out = None if torch.is_grad_enabled() else self._fused_inference(x, alpha)
+            if out is None and self._pointwise_native(x):
+                # the mixtures read in place (apply_kernels_native): no reordered kernels
+                out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
+                                        make=self.mix_cells)
             if out is None:
                 out = self._with_kernel(alpha, lambda w: self._pointwise_conv(x, w))
         elif not x.is_cuda and self.in_channels != self.groups:
@@ -310,15 +314,12 @@ class _KWConvNd(_KWLayer):
                                           self._explicit_padding()[0], self.dilation,
                                           self.groups)
 
-    def _taps_macs(self, x: torch.Tensor, any_in_groups: bool = False) -> Optional[int]:
+    def _taps_macs(self, x: torch.Tensor) -> Optional[int]:
         """Multiply-adds of this layer on ``x`` (from ``_per_sample_input``) where
-        its kernels can run as :func:`kw_mm.native.conv2d_taps` reads them (2-d,
-        one group, each kernel position's mixtures spanning all input channels,
-        or ``any_in_groups`` for :func:`kw_mm.native.fused_conv2d_taps`) and
-        :func:`kw_mm.native.conv2d_taps_pays`; else None."""
-        plan = self.layer_plan
-        if not (self.ndim == 2 and self.groups == 1 and plan.partitioned
-                and (any_in_groups or plan.in_groups == 1)):
+        its kernels can run as :func:`kw_mm.native.conv2d_taps` and
+        :func:`kw_mm.native.fused_conv2d_taps` read them (2-d, one group,
+        partitioned) and :func:`kw_mm.native.conv2d_taps_pays`; else None."""
+        if not (self.ndim == 2 and self.groups == 1 and self.layer_plan.partitioned):
             return None
         out_h, out_w = native.conv2d_output_size(x.shape[2:], self.kernel_size, self.stride,
                                                  self._explicit_padding()[0], self.dilation)
@@ -327,19 +328,49 @@ class _KWConvNd(_KWLayer):
             return None
         return x.shape[0] * kernel_numel * out_h * out_w
 
+    def _pointwise_native(self, x: torch.Tensor) -> bool:
+        """Whether this 1×1 layer's products run natively on the mixtures as they
+        are (:meth:`apply_kernels_native`), at any map size: the same product
+        kernel as the reordered kernels' batched product, without reordering."""
+        if not (self.ndim == 2 and self.layer_plan.partitioned):
+            return False
+        positions = math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
+        macs = x.shape[0] * self.out_channels * self.in_channels * positions
+        return native.usable(x, x, macs)
+
+    def _kernel_blocks(self, mixed: torch.Tensor) -> torch.Tensor:
+        """``mixed [B, m, cell numel]`` as ``[B, m, cell_out, cell_in]``."""
+        wh = self.kw_warehouse.plan
+        return mixed.view(mixed.shape[0], -1, wh.cell_out, wh.cell_in)
+
+    def _cell_groups(self) -> Tuple[int, int]:
+        return self.layer_plan.out_groups, self.layer_plan.in_groups
+
     def apply_kernels_native(self, x: torch.Tensor, mixed: torch.Tensor
                              ) -> Optional[torch.Tensor]:
         """All samples ``x [B, C, *S]`` (from ``_per_sample_input``) through their
         mixtures ``[B, m, cell numel]`` with :func:`kw_mm.native.conv2d_taps`,
         which reads the mixtures as they are; None where it does not apply
-        (see :meth:`_taps_macs`; strided mixtures; :func:`kw_mm.native.usable`)."""
+        (see :meth:`_taps_macs` and :meth:`_pointwise_native`; strided
+        mixtures; :func:`kw_mm.native.usable`)."""
+        if self._pointwise:
+            if not (mixed.is_contiguous() and self._pointwise_native(x)
+                    and native.usable(x, mixed, native.MIN_MACS)):
+                return None
+            return native.conv2d_taps(self._pointwise_input(x), self._kernel_blocks(mixed),
+                                      (1, 1), (1, 1), (0, 0), (1, 1), self._cell_groups())
         macs = self._taps_macs(x)
-        # (private cells mix into a strided tensor)
         if macs is None or not mixed.is_contiguous() or not native.usable(x, mixed, macs):
             return None
-        kernels = mixed.view(x.shape[0], -1, self.out_channels, self.in_channels)
-        return native.conv2d_taps(x, kernels, self.kernel_size, self.stride,
-                                  self._explicit_padding()[0], self.dilation)
+        return native.conv2d_taps(x, self._kernel_blocks(mixed), self.kernel_size, self.stride,
+                                  self._explicit_padding()[0], self.dilation,
+                                  self._cell_groups())
+
+    def _pointwise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The positions a 1×1 layer reads (every stride-th one)."""
+        if self.stride == (1, 1):
+            return x
+        return x[:, :, ::self.stride[0], ::self.stride[1]].contiguous()
 
     def apply_kernels_native_backward(self, grad: torch.Tensor, x: torch.Tensor,
                                       mixed: torch.Tensor, need_x: bool, need_kernel: bool,
@@ -347,18 +378,30 @@ class _KWConvNd(_KWLayer):
                                       ) -> Optional[Tuple[Optional[torch.Tensor],
                                                           Optional[torch.Tensor]]]:
         """Gradients of :meth:`apply_kernels_native` for ``x`` and ``mixed`` through
-        :func:`kw_mm.native.conv2d_taps_backward` (stride 1, small maps: see
-        :func:`kw_mm.native.conv2d_taps_backward_pays`), the mixtures' written
-        over ``mixed`` with ``reuse_mixed``; None where that does not apply."""
-        if self.stride != (1, 1) or grad.dtype != torch.float32:
+        :func:`kw_mm.native.conv2d_taps_backward` (1×1 layers; k×k ones at
+        stride 1 on small maps: see :func:`kw_mm.native.conv2d_taps_backward_pays`),
+        the mixtures' written over ``mixed`` with ``reuse_mixed``; None where
+        that does not apply."""
+        if grad.dtype != torch.float32:
             return None
-        padding = self._explicit_padding()[0]
-        if not native.conv2d_taps_backward_pays(grad.shape[2], x.shape[3] + 2 * padding[1]):
-            return None
-        kernels = mixed.view(x.shape[0], -1, self.out_channels, self.in_channels)
-        grad_x, grad_kernels = native.conv2d_taps_backward(
-            x, kernels, grad, self.kernel_size, padding, self.dilation, need_x, need_kernel,
-            kernels if reuse_mixed else None)
+        kernels = self._kernel_blocks(mixed)
+        reuse = kernels if reuse_mixed else None
+        if self._pointwise:
+            grad_x, grad_kernels = native.conv2d_taps_backward(
+                self._pointwise_input(x), kernels, grad, (1, 1), (0, 0), (1, 1), need_x,
+                need_kernel, reuse, self._cell_groups())
+            if grad_x is not None and self.stride != (1, 1):
+                full = grad_x.new_zeros(x.shape)
+                full[:, :, ::self.stride[0], ::self.stride[1]] = grad_x
+                grad_x = full
+        else:
+            padding = self._explicit_padding()[0]
+            if self.stride != (1, 1) or not native.conv2d_taps_backward_pays(
+                    grad.shape[2], x.shape[3] + 2 * padding[1]):
+                return None
+            grad_x, grad_kernels = native.conv2d_taps_backward(
+                x, kernels, grad, self.kernel_size, padding, self.dilation, need_x,
+                need_kernel, reuse, self._cell_groups())
         return grad_x, None if grad_kernels is None else grad_kernels.view_as(mixed)
 
     def _fused_inference(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
@@ -378,7 +421,7 @@ class _KWConvNd(_KWLayer):
                 return None
             geometry = ((1, 1), (1, 1), (0, 0), (1, 1))
         else:
-            macs = self._taps_macs(x, any_in_groups=True)
+            macs = self._taps_macs(x)
             geometry = (self.kernel_size, self.stride, self._explicit_padding()[0],
                         self.dilation)
         if macs is None or not native.usable(x, alpha, macs):

@@ -1,7 +1,8 @@
 """The CPU forward/backward of a KW convolution: one sample at a time, with
 each sample's kernel reordered from the warehouse's layout just before use
-(the forward of small maps instead reads the mixtures in place, all samples
-at once, through ``kw_mm.native.conv2d_taps`` where that applies).
+(1×1 layers, and the k×k ones on small maps, instead read the mixtures in
+place, all samples at once, through ``kw_mm.native.conv2d_taps`` and its
+backward where those apply).
 
 The assembly matmul (paper Eq. 3) yields every sample's mixtures in the
 warehouse's layout ``[B, m, cell numel]``; a convolution wants

@@ -115,9 +115,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_gemm_nn_batched.restype = None
     lib.kw_gemm_nn_batched.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64,
                                        ptr, i64, i64, ctypes.c_int]
-    lib.kw_conv_taps.restype = None
-    lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, i64,
-                                 i64, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.kw_conv_taps.restype = ctypes.c_int
+    lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
+                                 i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.kw_fused_taps.restype = ctypes.c_int
     lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
@@ -366,42 +366,66 @@ def _taps_setup(name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
 
 
 def _check_taps_kernels(name: str, kernels: torch.Tensor, x: torch.Tensor,
-                        kernel_size: Tuple[int, int], contiguous: bool = False) -> None:
-    """Raise unless ``kernels`` is ``[B, kh·kw, out, in]`` for ``x [B, in, H, W]``
-    (and contiguous, where ``contiguous``)."""
+                        kernel_size: Tuple[int, int], cell_groups: Tuple[int, int],
+                        contiguous: bool = False) -> Tuple[int, int]:
+    """Raise unless ``kernels`` is ``[B, kh·kw·G_out·G_in, cell_out, cell_in]``
+    for ``x [B, G_in·cell_in, H, W]`` (and contiguous, where ``contiguous``);
+    return ``(G_out, G_in)``."""
+    if (len(cell_groups) != 2 or not all(isinstance(g, int) and g >= 1 for g in cell_groups)):
+        raise ValueError(f'{name}: cell_groups must be two positive ints, got {cell_groups!r}')
+    g_out, g_in = cell_groups
     if (kernels.dim() != 4 or kernels.shape[0] != x.shape[0]
-            or kernels.shape[1] != kernel_size[0] * kernel_size[1]
-            or kernels.shape[3] != x.shape[1] or (contiguous and not kernels.is_contiguous())):
+            or kernels.shape[1] != kernel_size[0] * kernel_size[1] * g_out * g_in
+            or kernels.shape[3] * g_in != x.shape[1] or (contiguous and not kernels.is_contiguous())):
         required = ' (contiguous)' if contiguous else ''
         raise ValueError(f'{name}: kernels of shape {tuple(kernels.shape)}{required} do not fit '
-                         f'input {tuple(x.shape)} and kernel size {kernel_size}')
+                         f'input {tuple(x.shape)}, kernel size {kernel_size} and cell_groups '
+                         f'{cell_groups}')
+    return g_out, g_in
+
+
+def _offsets(values: Sequence[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _run_taps(lib: ctypes.CDLL, name: str, *args) -> None:
+    if lib.kw_conv_taps(*args, torch.get_num_threads()):
+        raise MemoryError(f'{name}: kw_conv_taps could not allocate its table of taps')
 
 
 def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, int],
                 stride: Tuple[int, int], padding: Tuple[int, int],
-                dilation: Tuple[int, int]) -> torch.Tensor:
-    """Each sample's 2-d convolution with its own kernel, the kernel given
-    position-major: ``kernels [B, kh·kw, out, in]`` (a KW mixture whose cells
-    span all input channels), ``x [B, in, H, W]``; zero padding, one group.
+                dilation: Tuple[int, int], cell_groups: Tuple[int, int] = (1, 1)
+                ) -> torch.Tensor:
+    """Each sample's 2-d convolution with its own kernel, given as KW mixtures:
+    ``kernels [B, kh·kw·G_out·G_in, cell_out, cell_in]``, ``x [B, G_in·cell_in, H, W]``,
+    mixture ``i = (s·G_out + o)·G_in + c`` the block of kernel position ``s``,
+    output group ``o`` and input group ``c`` (KW's kernel partition; with the
+    default ``cell_groups=(1, 1)``, ``[B, kh·kw, out, in]``); zero padding, one
+    group; ``G_out·cell_out`` output channels.
 
     No autograd. With the input laid out by :class:`_TapsInput`, the
     convolution is the matrix product kernel of ``kw_gemm_nn`` summed over
-    kernel positions (``kw_conv_taps``), with no reordered copy of the kernels.
+    kernel positions and input groups (``kw_conv_taps``), reading the mixtures
+    where they are: no reordered copy of the kernels.
     """
     lib, source = _taps_setup('conv2d_taps', x, kernel_size, stride, padding, dilation,
                               kernels=kernels)
-    batch, channels = x.shape[:2]
-    taps = kernel_size[0] * kernel_size[1]
-    _check_taps_kernels('conv2d_taps', kernels, x, kernel_size)
+    g_out, g_in = _check_taps_kernels('conv2d_taps', kernels, x, kernel_size, cell_groups)
     kernels = kernels.contiguous()
+    batch, positions = x.shape[0], kernel_size[0] * kernel_size[1]
+    cell_out, cell_in = kernels.shape[2:]
+    cell = cell_out * cell_in
     phases = source.phases
-    out_channels = kernels.shape[2]
-    out = source.output(batch, out_channels)
-    lib.kw_conv_taps(batch, out_channels, source.cols, channels, taps, kernels.data_ptr(),
-                     kernels.stride(0), channels, 1, out_channels * channels,
-                     phases.data_ptr(), phases.stride(0), phases.stride(1),
-                     source.offsets, out.data_ptr(), out.stride(0), out.stride(1),
-                     torch.get_num_threads())
+    ldb = phases.stride(1)
+    taps = [(s, c) for s in range(positions) for c in range(g_in)]
+    a_off = _offsets([((s * g_out + o) * g_in + c) * cell for o in range(g_out) for s, c in taps])
+    b_off = _offsets([source.offsets[s] + c * cell_in * ldb for s, c in taps])
+    out = source.output(batch, g_out * cell_out)
+    _run_taps(lib, 'conv2d_taps', batch, g_out, cell_out, source.cols, cell_in, len(taps),
+              kernels.data_ptr(), kernels.stride(0), cell_in, 1, a_off, phases.data_ptr(),
+              phases.stride(0), ldb, b_off, out.data_ptr(), out.stride(0),
+              cell_out * out.stride(1), out.stride(1))
     return source.crop(out)
 
 
@@ -412,6 +436,11 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
 #: larger maps keep oneDNN
 TAPS_BACKWARD_MAX_COLS = 256
 
+#: :func:`conv2d_taps_backward` computes the kernels' gradient with the native
+#: product (inner dimension: the grid's columns) for up to this many columns,
+#: with torch's batched product above (faster there on the reference CPU)
+NATIVE_KERNEL_GRAD_MAX_COLS = 256
+
 
 def conv2d_taps_backward_pays(out_h: int, grid_w: int) -> bool:
     """Whether :func:`conv2d_taps_backward` is expected to beat per-sample oneDNN."""
@@ -421,57 +450,89 @@ def conv2d_taps_backward_pays(out_h: int, grid_w: int) -> bool:
 def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Tensor,
                          kernel_size: Tuple[int, int], padding: Tuple[int, int],
                          dilation: Tuple[int, int], need_x: bool = True,
-                         need_kernels: bool = True, kernels_grad: Optional[torch.Tensor] = None
+                         need_kernels: bool = True, kernels_grad: Optional[torch.Tensor] = None,
+                         cell_groups: Tuple[int, int] = (1, 1)
                          ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of a stride-1 :func:`conv2d_taps` for ``x`` and ``kernels``
     (None where not needed), given the output's gradient ``grad [B, out, H', W']``.
 
     No autograd. The input's gradient is the output's gradient, laid on the
-    same padded grid, correlated with every kernel position transposed in
-    place (``kw_conv_taps`` reading ``kernels`` column-major); each kernel
-    position's gradient is one batched product ``grad @ (the input shifted to
-    that position)ᵀ``, written into ``kernels_grad [B, kh·kw, out, in]`` (a new
-    tensor if None; it may be ``kernels`` itself, which is read first).
+    same padded grid, correlated with every mixture transposed in place
+    (``kw_conv_taps`` reading ``kernels`` column-major), one input group at a
+    time; each mixture's gradient is one batched product ``grad (its output
+    group) @ (its input group, shifted to its kernel position)ᵀ``, written into
+    ``kernels_grad`` (shaped as ``kernels``; a new tensor if None; it may be
+    ``kernels`` itself, which is read first).
     """
     lib, source = _taps_setup('conv2d_taps_backward', x, kernel_size, (1, 1), padding,
                               dilation, kernels=kernels, grad=grad)
+    g_out, g_in = _check_taps_kernels('conv2d_taps_backward', kernels, x, kernel_size,
+                                      cell_groups, contiguous=True)
     batch, channels, height, width = x.shape
-    taps = kernel_size[0] * kernel_size[1]
-    _check_taps_kernels('conv2d_taps_backward', kernels, x, kernel_size, contiguous=True)
-    out_channels = kernels.shape[2]
+    positions = kernel_size[0] * kernel_size[1]
+    cell_out, cell_in = kernels.shape[2:]
+    cell, out_channels = cell_out * cell_in, g_out * cell_out
     if tuple(grad.shape) != (batch, out_channels, source.out_h, source.out_w):
         raise ValueError(f'conv2d_taps_backward: grad of shape {tuple(grad.shape)} does not '
                          f'fit the output {(batch, out_channels, source.out_h, source.out_w)}')
     grid_w, cols, offsets = source.grid_w, source.cols, list(source.offsets)
     reach, first = max(offsets), padding[0] * grid_w  # grid index of the input's first row
-    # the output's gradient on the grid (zero in the junk columns), `reach` columns in
-    g_ext = grad.new_zeros(batch, out_channels,
-                           max(first + height * grid_w + reach, reach + cols))
+    if grid_w == source.out_w and reach == 0:  # 1×1, no padding: the gradient as it is
+        g_ext = grad.contiguous().view(batch, out_channels, cols)
+    else:  # the output's gradient on the grid (zero in the junk columns), `reach` columns in
+        g_ext = grad.new_zeros(batch, out_channels,
+                               max(first + height * grid_w + reach, reach + cols))
+        g_ext[:, :, reach:reach + cols].view(batch, out_channels, source.out_h,
+                                             grid_w)[..., :source.out_w] = grad
     g_grid = g_ext[:, :, reach:reach + cols]
-    g_grid.view(batch, out_channels, source.out_h, grid_w)[..., :source.out_w] = grad
     grad_x = None
     if need_x:
         # input grid position p = first + j gathers grad at p − offset[t]
-        b_off = (ctypes.c_int64 * taps)(*[first + reach - o for o in offsets])
+        taps = [(s, o) for s in range(positions) for o in range(g_out)]
+        a_off = _offsets([((s * g_out + o) * g_in + c) * cell for c in range(g_in)
+                          for s, o in taps])
+        b_off = _offsets([first + reach - offsets[s] + o * cell_out * g_ext.stride(1)
+                          for s, o in taps])
         grad_grid = torch.empty(batch, channels, height * grid_w, dtype=torch.float32)
-        lib.kw_conv_taps(batch, channels, height * grid_w, out_channels, taps,
-                         kernels.data_ptr(), kernels.stride(0), 1, channels,
-                         out_channels * channels, g_ext.data_ptr(), g_ext.stride(0),
-                         g_ext.stride(1), b_off, grad_grid.data_ptr(), grad_grid.stride(0),
-                         grad_grid.stride(1), torch.get_num_threads())
-        left = padding[1]
-        grad_x = grad_grid.view(batch, channels, height, grid_w)[..., left:left + width]
-        grad_x = grad_x.contiguous()
+        _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, height * grid_w, cell_out,
+                  len(taps), kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off,
+                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off,
+                  grad_grid.data_ptr(), grad_grid.stride(0), cell_in * grad_grid.stride(1),
+                  grad_grid.stride(1))
+        grad_x = grad_grid.view(batch, channels, height, grid_w)
+        if grid_w != width:
+            grad_x = grad_x[..., padding[1]:padding[1] + width].contiguous()
     if not need_kernels:
         return grad_x, None
     if kernels_grad is None:
         kernels_grad = torch.empty_like(kernels)
     phases = source.phases
-    for t, offset in enumerate(offsets):
+    if cols <= NATIVE_KERNEL_GRAD_MAX_COLS:
+        # the input grid transposed, so each block's (position, input group) is a
+        # matrix [cols, cell_in] with unit column stride, as the native product reads it
+        grid_t = phases.view(batch, channels, -1).transpose(1, 2).contiguous()
+        for s in range(positions):
+            for o in range(g_out):
+                for c in range(g_in):
+                    block = kernels_grad[:, (s * g_out + o) * g_in + c]
+                    lib.kw_gemm_nn_batched(
+                        batch, cell_out, cell_in, cols,
+                        g_grid.data_ptr() + o * cell_out * g_grid.stride(1) * 4,
+                        g_grid.stride(0), g_grid.stride(1), 1,
+                        grid_t.data_ptr() + (offsets[s] * channels + c * cell_in) * 4,
+                        grid_t.stride(0), grid_t.stride(1),
+                        block.data_ptr(), block.stride(0), block.stride(1),
+                        torch.get_num_threads())
+        return grad_x, kernels_grad
+    for s, offset in enumerate(offsets):
         shifted = phases.as_strided((batch, cols, channels), (phases.stride(0), 1,
                                                               phases.stride(1)),
                                     phases.storage_offset() + offset)
-        kernels_grad[:, t].copy_(torch.bmm(g_grid, shifted))
+        for o in range(g_out):
+            rows = g_grid[:, o * cell_out:(o + 1) * cell_out]
+            for c in range(g_in):
+                kernels_grad[:, (s * g_out + o) * g_in + c].copy_(
+                    torch.bmm(rows, shifted[:, :, c * cell_in:(c + 1) * cell_in]))
     return grad_x, kernels_grad
 
 

@@ -149,39 +149,43 @@ static int tall_tiles(int64_t M, int64_t N)
 }
 
 /* C_b = A_b · B_b for b < batch, the operands of sample b at b · (sa, sb, sc)
- * floats from the first; A_b[r, k] at A + b·sa + r·ars + k·aks. The work is
- * split into (sample, column tile, row range) units: one row range when there
- * are enough tiles to keep every thread busy (each B panel then stays in one
+ * floats from the first; A_b[r, k] at A + b·sa + r·ars + k·aks. With groups
+ * > 1, group g's product (C at g·gc floats further) sums taps[g] (a sum of
+ * products per group, all reading the same B_b). The work is split into
+ * (sample, group, column tile, row range) units: one row range when there are
+ * enough tiles to keep every thread busy (each B panel then stays in one
  * thread's cache), more when not (few samples with narrow outputs, e.g. a
  * late ResNet stage at 7 × 7). */
-static void nn_run(int64_t batch, int64_t M, int64_t N, int64_t K,
+static void nn_run(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K,
                    const float *A, int64_t sa, int64_t ars, int64_t aks,
                    const float *B, int64_t sb, int64_t ldb,
-                   float *C, int64_t sc, int64_t ldc, const taps_t *taps, int nthreads)
+                   float *C, int64_t sc, int64_t gc, int64_t ldc, const taps_t *taps,
+                   int nthreads)
 {
     if (nthreads < 1) nthreads = 1;
     /* an output larger than a typical L3 share is not read back soon enough to keep */
-    int stream = (double)M * (double)N * 4.0 > 16.0 * 1024 * 1024;
+    int stream = (double)groups * M * (double)N * 4.0 > 16.0 * 1024 * 1024;
     int tall = tall_tiles(M, N);
     const int64_t R = tall ? 8 : 6, width = tall ? 48 : 64;
     int64_t tiles = (N + width - 1) / width, strips = (M + R - 1) / R;
-    int64_t ranges = 1, wanted = 4 * (int64_t)nthreads;
-    if (batch * tiles < wanted) {
-        ranges = (wanted + batch * tiles - 1) / (batch * tiles);
+    int64_t ranges = 1, wanted = 4 * (int64_t)nthreads, outer = batch * groups * tiles;
+    if (outer < wanted) {
+        ranges = (wanted + outer - 1) / outer;
         if (ranges > strips) ranges = strips;
     }
-    int64_t units = batch * tiles * ranges;
+    int64_t units = outer * ranges;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
-            int64_t r = u % ranges, t = u / ranges % tiles, b = u / ranges / tiles;
+            int64_t r = u % ranges, t = u / ranges % tiles, g = u / ranges / tiles % groups;
+            int64_t b = u / ranges / tiles / groups;
             int64_t i0 = strips * r / ranges * R, i1 = strips * (r + 1) / ranges * R;
             if (i1 > M) i1 = M;
             int64_t j = t * width;
             int64_t cols = N - j < width ? N - j : width;
-            nn_strip(tall, i0, i1, j, cols, K, A + b * sa, ars, aks, B + b * sb, ldb, C + b * sc,
-                     ldc, stream, taps);
+            nn_strip(tall, i0, i1, j, cols, K, A + b * sa, ars, aks, B + b * sb, ldb,
+                     C + b * sc + g * gc, ldc, stream, taps + g);
         }
         /* each thread orders its own streaming stores before the region ends */
         if (stream) _mm_sfence();
@@ -194,7 +198,7 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         float *C, int64_t sc, int64_t ldc, int nthreads)
 {
     taps_t one = {1, 0, no_offset, NULL};
-    nn_run(batch, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, ldc, &one, nthreads);
+    nn_run(batch, 1, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, 0, ldc, &one, nthreads);
 }
 
 void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
@@ -203,23 +207,34 @@ void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
     kw_gemm_nn_batched(1, M, N, K, A, 0, lda, 1, B, 0, ldb, C, 0, ldc, nthreads);
 }
 
-/* A stride-1 convolution of each sample's padded image B_b [K, ldb] (rows of
- * the padded grid laid end to end) with its kernel A_b [taps, M, K] (kernel
- * position outermost, as KW mixtures come out of the assembly):
- * C_b[:, q] = Σ_t A_b[t] · B_b[:, q + b_off[t]] for every grid position q < N.
- * For stride s the caller lays out the s × s phases of the image side by side
- * in each row of B and points each kernel position into its phase.
- * A_b[t][r, k] is at A + b·sa + t·a_step + r·ars + k·aks: ars = K, aks = 1
- * for the kernel itself; ars = 1, aks = M for its transpose per position
- * (the input's gradient, a correlation of the output's gradient with the
- * transposed kernel positions). */
-void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
-                  const float *A, int64_t sa, int64_t ars, int64_t aks, int64_t a_step,
+/* A stride-1 convolution of each sample's padded image B_b [channels, ldb]
+ * (rows of the padded grid laid end to end) with its kernel, in groups:
+ * C_b[g·gc + (r, q)] = Σ_t A_b[g, t] · B_b[:, q + b_off[t]] over t < taps, for
+ * every group g < groups, output row r < M and grid position q < N, where
+ * A_b[g, t][r, k] is at A + b·sa + a_off[g·taps + t] + r·ars + k·aks (k < K).
+ * A tap is a kernel position, or a kernel position and a group of K input
+ * channels (b_off then also points at that group's first channel); a group
+ * is a group of M output channels, as KW's kernel partition cuts a layer into
+ * cells. For stride s the caller lays out the s × s phases of the image side
+ * by side in each row of B and points each kernel position into its phase.
+ * ars = K, aks = 1 reads the kernel as it is; ars = 1, aks = M reads each
+ * block transposed (the input's gradient: a correlation of the output's
+ * gradient with the transposed kernel positions). Returns 0, or -1 if its
+ * table of taps could not be allocated (C untouched). */
+int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t taps,
+                  const float *A, int64_t sa, int64_t ars, int64_t aks, const int64_t *a_off,
                   const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  float *C, int64_t sc, int64_t ldc, int nthreads)
+                  float *C, int64_t sc, int64_t gc, int64_t ldc, int nthreads)
 {
-    taps_t kernel = {taps, a_step, b_off, NULL};
-    nn_run(batch, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, ldc, &kernel, nthreads);
+    taps_t *kernel = malloc((size_t)(groups > 0 ? groups : 1) * sizeof(taps_t));
+    if (!kernel) return -1;
+    for (int64_t g = 0; g < groups; ++g) {
+        taps_t one = {taps, 0, b_off, a_off + g * taps};
+        kernel[g] = one;
+    }
+    nn_run(batch, groups, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, gc, ldc, kernel, nthreads);
+    free(kernel);
+    return 0;
 }
 
 /* A KW convolution's inference without its per-sample kernels in memory.
@@ -377,10 +392,10 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         const float *A, int64_t sa, int64_t ars, int64_t aks,
                         const float *B, int64_t sb, int64_t ldb,
                         float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
-void kw_conv_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
-                  const float *A, int64_t sa, int64_t ars, int64_t aks, int64_t a_step,
-                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
+int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t taps,
+                 const float *A, int64_t sa, int64_t ars, int64_t aks, const int64_t *a_off,
+                 const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                 float *C, int64_t sc, int64_t gc, int64_t ldc, int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
 int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,

@@ -128,35 +128,42 @@ def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
         native.bmm(a, b)
 
 
-def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation):
-    """conv2d_taps in float64: position-major kernels reordered, one sample at a time."""
-    batch, _, out_c, in_c = kernels.shape
-    weight = kernels.double().view(batch, *kernel_size, out_c, in_c).permute(0, 3, 4, 1, 2)
+def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation, cell_groups=(1, 1)):
+    """conv2d_taps in float64: the mixtures [B, kh·kw·G_out·G_in, cell_out, cell_in]
+    reordered into each sample's kernel, one sample at a time."""
+    batch, _, cell_out, cell_in = kernels.shape
+    g_out, g_in = cell_groups
+    weight = kernels.double().view(batch, *kernel_size, g_out, g_in, cell_out, cell_in)
+    weight = weight.permute(0, 3, 5, 4, 6, 1, 2).reshape(batch, g_out * cell_out, g_in * cell_in,
+                                                         *kernel_size)
     return torch.cat([torch.nn.functional.conv2d(x[b:b + 1].double(), weight[b], None, stride,
                                                  padding, dilation) for b in range(batch)])
 
 
 @needs_native
 @pytest.mark.parametrize('threads', [1, 2])
-@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,dilation', [
-    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1)),
-    (2, 16, 40, (14, 14), (3, 3), (2, 2), (1, 1), (1, 1)),   # stride 2: four phases
-    (1, 8, 12, (13, 10), (5, 3), (1, 2), (2, 0), (1, 2)),    # mixed strides and dilation
-    (2, 4, 6, (7, 8), (1, 1), (3, 3), (0, 0), (1, 1)),
-    (2, 3, 70, (5, 6), (3, 3), (1, 1), (0, 0), (2, 2)),      # output 1 × 2
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,dilation,groups', [
+    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),
+    (2, 16, 40, (14, 14), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),   # stride 2: four phases
+    (1, 8, 12, (13, 10), (5, 3), (1, 2), (2, 0), (1, 2), (1, 1)),    # mixed strides, dilation
+    (2, 4, 6, (7, 8), (1, 1), (3, 3), (0, 0), (1, 1), (1, 1)),
+    (2, 3, 70, (5, 6), (3, 3), (1, 1), (0, 0), (2, 2), (1, 1)),      # output 1 × 2
+    (2, 12, 10, (6, 7), (1, 1), (1, 1), (0, 0), (1, 1), (2, 3)),     # cell groups, 1×1
+    (3, 8, 18, (9, 9), (3, 3), (2, 2), (1, 1), (1, 1), (3, 2)),      # cell groups, strided 3×3
 ])
 def test_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
-                                     dilation, threads):
+                                     dilation, groups, threads):
     torch.manual_seed(0)
     x = torch.randn(batch, in_c, *size)
-    kernels = torch.randn(batch, kernel[0] * kernel[1], out_c, in_c)
+    kernels = torch.randn(batch, kernel[0] * kernel[1] * groups[0] * groups[1],
+                          out_c // groups[0], in_c // groups[1])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = native.conv2d_taps(x, kernels, kernel, stride, padding, dilation)
+        out = native.conv2d_taps(x, kernels, kernel, stride, padding, dilation, groups)
     finally:
         torch.set_num_threads(before)
-    ref = per_sample_conv64(x, kernels, kernel, stride, padding, dilation)
+    ref = per_sample_conv64(x, kernels, kernel, stride, padding, dilation, groups)
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5,
                                atol=1e-5 * math.sqrt(in_c * kernel[0] * kernel[1]))
@@ -177,6 +184,10 @@ def test_conv2d_taps_rejects_what_does_not_fit():
         native.conv2d_taps(x, torch.randn(2, 9, 3, 4), (3, 3), (0, 1), (1, 1), (1, 1))
     with pytest.raises(ValueError, match=r'padding must be at least 0, got \(-1, 1\)'):
         native.conv2d_taps(x, torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (-1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r'cell_groups must be two positive ints, got \(0, 1\)'):
+        native.conv2d_taps(x, torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1), (0, 1))
+    with pytest.raises(ValueError, match=r'cell_groups \(1, 2\)'):  # 2 input groups of 4
+        native.conv2d_taps(x, torch.randn(2, 18, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1), (1, 2))
 
 
 def test_conv2d_taps_is_chosen_for_small_maps_only():
@@ -192,7 +203,8 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
     lambda: KWConv2d(16, 16, 3, padding=1, bias=False),
     lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5),  # 2 output groups
     lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)),  # odd 'same'
-    lambda: KWConv2d(16, 24, 3, padding=1, cell_in_ratio=0.5),  # 2 input groups: fused only
+    lambda: KWConv2d(16, 24, 3, padding=1, cell_in_ratio=0.5),  # 2 input groups
+    lambda: KWConv2d(16, 32, 1, stride=2, cell_in_ratio=0.5, cell_out_ratio=0.5),  # 1×1, groups
 ])
 @pytest.mark.parametrize('train', [False, True])
 def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatch):
@@ -201,6 +213,7 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
         monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), k=name, **kw:
                             used.append(k) or f(*a, **kw))
     monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)  # 1×1: fused too
     torch.manual_seed(0)
     layer = make().train(train)
     set_temperature(layer, 0.3)
@@ -209,46 +222,55 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
         ref = layer.reference_forward(x)
         inference = layer(x)  # no graph: the kernels assembled inside the convolution
     assert used == ['fused_conv2d_taps']
-    with_graph = layer(x)  # kernels kept for backward: conv2d_taps where cells span all inputs
-    assert used[1:] == (['conv2d_taps'] if layer.layer_plan.in_groups == 1 else [])
+    with_graph = layer(x)  # kernels kept for backward: conv2d_taps on the mixtures
+    assert used[1:] == ['conv2d_taps']
     for out in (inference, with_graph.detach()):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_native
+@pytest.mark.parametrize('kernel_grad_max_cols', [0, 1 << 30])  # torch's product / native
 @pytest.mark.parametrize('threads', [1, 2])
-@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation', [
-    (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1)),
-    (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1)),    # rows of 8 and tails in both products
-    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2)),      # dilated, padded in width only
-    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1)),
-    (2, 4, 6, (5, 6), (3, 3), (3, 1), (1, 1)),      # more padding than the kernel reaches
-    (2, 6, 9, (5, 5), (1, 1), (0, 0), (1, 1)),
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation,groups', [
+    (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1)),    # rows of 8, tails in both products
+    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2), (1, 1)),      # dilated, padded in width only
+    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1), (1, 1)),
+    (2, 4, 6, (5, 6), (3, 3), (3, 1), (1, 1), (1, 1)),      # more padding than the kernel reaches
+    (2, 6, 9, (5, 5), (1, 1), (0, 0), (1, 1), (1, 1)),
+    (3, 12, 20, (7, 6), (1, 1), (0, 0), (1, 1), (4, 3)),    # cell groups, 1×1
+    (2, 8, 18, (6, 7), (3, 3), (1, 1), (1, 1), (3, 2)),     # cell groups, 3×3
 ])
 def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, padding,
-                                              dilation, threads):
+                                              dilation, groups, threads, kernel_grad_max_cols,
+                                              monkeypatch):
+    monkeypatch.setattr(native, 'NATIVE_KERNEL_GRAD_MAX_COLS', kernel_grad_max_cols)
     torch.manual_seed(0)
-    taps = kernel[0] * kernel[1]
-    x, kernels = torch.randn(batch, in_c, *size), torch.randn(batch, taps, out_c, in_c)
+    mixtures = kernel[0] * kernel[1] * groups[0] * groups[1]
+    x = torch.randn(batch, in_c, *size)
+    kernels = torch.randn(batch, mixtures, out_c // groups[0], in_c // groups[1])
     x64, k64 = x.double().requires_grad_(), kernels.double().requires_grad_()
-    ref = per_sample_conv64(x64, k64, kernel, (1, 1), padding, dilation)
+    ref = per_sample_conv64(x64, k64, kernel, (1, 1), padding, dilation, groups)
     grad = torch.randn(ref.shape)
     ref.backward(grad.double())
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        grad_x, grad_k = native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation)
+        grad_x, grad_k = native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation,
+                                                     cell_groups=groups)
         reused = kernels.clone()
         only_k = native.conv2d_taps_backward(x, reused, grad, kernel, padding, dilation,
-                                             need_x=False, kernels_grad=reused)
+                                             need_x=False, kernels_grad=reused,
+                                             cell_groups=groups)
     finally:
         torch.set_num_threads(before)
-    scale = math.sqrt(max(in_c, out_c) * taps * size[0] * size[1])
+    scale = math.sqrt(max(in_c, out_c) * kernel[0] * kernel[1] * size[0] * size[1])
     torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(grad_k.double(), k64.grad, rtol=1e-5, atol=1e-5 * scale)
     assert only_k[0] is None and only_k[1] is reused and torch.equal(reused, grad_k)
     with pytest.raises(ValueError, match='grad of shape'):
-        native.conv2d_taps_backward(x, kernels, grad[..., 1:], kernel, padding, dilation)
+        native.conv2d_taps_backward(x, kernels, grad[..., 1:], kernel, padding, dilation,
+                                    cell_groups=groups)
 
 
 @needs_native
@@ -475,6 +497,8 @@ def test_autograd_function_matches_torch():
 LAYERS = {
     'dense3x3': (lambda: KWConv2d(8, 16, 3, padding=1), (8, 7, 7)),
     'pointwise': (lambda: KWConv2d(16, 32, 1, stride=2), (16, 7, 7)),
+    'pointwise-cell-groups': (lambda: KWConv2d(16, 32, 1, stride=2, cell_in_ratio=0.5,
+                                               cell_out_ratio=0.25), (16, 7, 7)),
     'depthwise': (lambda: KWConv2d(16, 16, 3, padding=1, groups=16), (16, 6, 6)),
     'whole-kernels': (lambda: KWConv2d(8, 16, 3, padding=1, budget=2, kernel_partition=False),
                       (8, 6, 6)),
@@ -490,7 +514,7 @@ LAYERS = {
 def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monkeypatch):
     make, shape = LAYERS[name]
     calls = []
-    for kernel in ('gemm_nn', 'gemm_nn_batched'):
+    for kernel in ('gemm_nn', 'gemm_nn_batched', 'conv2d_taps', 'conv2d_taps_backward'):
         monkeypatch.setattr(native, kernel, lambda *a, f=getattr(native, kernel), k=kernel:
                             calls.append(k) or f(*a))
     results = []
@@ -505,8 +529,8 @@ def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monk
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
     assert calls, 'the C kernels were not used'
-    if name == 'pointwise' and batch > 1:  # its convolution is a batched product
-        assert 'gemm_nn_batched' in calls
+    if name.startswith('pointwise'):  # its products read the mixtures in place, both ways
+        assert {'conv2d_taps', 'conv2d_taps_backward'} <= set(calls)
     for fast, ref in zip(*results):
         assert (fast is None) == (ref is None)
         if fast is not None:
