@@ -304,16 +304,17 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
 #define NT_CHUNK 2048
 
 /* Partial sums of G[i..i+4) · E[j..j+6)^T over d in [d0, d1), kept as 16-lane
- * vectors in vec[(i·P_pad + j)·16]. */
+ * vectors in vec[(i·P_pad + j)·16]. Each tile of E rows stays in L1 while it
+ * meets every tile of G rows. */
 static void nt_chunk(int64_t M, int64_t P, int64_t P_pad, int64_t d0, int64_t d1,
                      const float *G, int64_t ldg, const float *E, int64_t lde, float *vec)
 {
-    for (int64_t i = 0; i < M; i += NT_ROWS) {
-        const float *g[NT_ROWS];
-        for (int r = 0; r < NT_ROWS; ++r) g[r] = G + (i + r < M ? i + r : M - 1) * ldg;
-        for (int64_t j = 0; j < P; j += NT_COLS) {
-            const float *e[NT_COLS];
-            for (int c = 0; c < NT_COLS; ++c) e[c] = E + (j + c < P ? j + c : P - 1) * lde;
+    for (int64_t j = 0; j < P; j += NT_COLS) {
+        const float *e[NT_COLS];
+        for (int c = 0; c < NT_COLS; ++c) e[c] = E + (j + c < P ? j + c : P - 1) * lde;
+        for (int64_t i = 0; i < M; i += NT_ROWS) {
+            const float *g[NT_ROWS];
+            for (int r = 0; r < NT_ROWS; ++r) g[r] = G + (i + r < M ? i + r : M - 1) * ldg;
             __m512 acc[NT_ROWS][NT_COLS];
             for (int r = 0; r < NT_ROWS; ++r)
                 for (int c = 0; c < NT_COLS; ++c)
@@ -321,7 +322,13 @@ static void nt_chunk(int64_t M, int64_t P, int64_t P_pad, int64_t d0, int64_t d1
             int64_t d = d0;
             for (; d + 16 <= d1; d += 16) {
                 __m512 ev[NT_COLS];
-                for (int c = 0; c < NT_COLS; ++c) ev[c] = _mm512_loadu_ps(e[c] + d);
+                for (int c = 0; c < NT_COLS; ++c) {
+                    ev[c] = _mm512_loadu_ps(e[c] + d);
+                    /* keep the E vectors in registers: left to itself the compiler
+                     * folds them into every FMA as memory operands, 28 loads per 24
+                     * FMAs instead of 10 (1.3x slower on the reference CPU) */
+                    __asm__("" : "+v"(ev[c]));
+                }
                 for (int r = 0; r < NT_ROWS; ++r) {
                     __m512 gv = _mm512_loadu_ps(g[r] + d);
                     for (int c = 0; c < NT_COLS; ++c)
