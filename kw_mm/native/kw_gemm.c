@@ -52,6 +52,8 @@ static const int64_t no_offset[1] = {0};
  * most 8 × 3 or 6 × 4, 24 accumulators). A[r, k] is at A + r·ars + k·aks
  * (aks = 1 for a row-major A, ars = 1 for a transposed one). Missing rows
  * read the last valid row of A and are not stored. */
+#define TRANSPOSED_PREFETCH 32
+
 static inline __attribute__((always_inline)) void
 nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
          const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb, float *C,
@@ -68,6 +70,12 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
         for (int r = 0; r < R; ++r) a[r] = At + (r < rows ? r : rows - 1) * ars;
         const float *Bt = B + taps->b_off[t];
         for (int64_t k = 0; k < K; ++k) {
+            /* A read transposed steps aks floats per k (a kernel's rows, 2 KB and
+             * more): a new page every few steps, where hardware prefetchers stop.
+             * Ask for the line TRANSPOSED_PREFETCH steps ahead (a line past the
+             * tap's block at its end: harmless) */
+            if (aks != 1)
+                _mm_prefetch((const char *)(a[0] + (k + TRANSPOSED_PREFETCH) * aks), _MM_HINT_T0);
             const float *b = Bt + k * ldb;
             __m512 bv[4];
             for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
