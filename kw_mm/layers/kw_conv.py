@@ -31,7 +31,7 @@ from .. import native
 from .attention import KWAttention
 from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
-from .per_sample import run_per_sample
+from .per_sample import FusedKernelConv, run_per_sample
 from .recompute import KernelRecompute
 from .warehouse import KernelWarehouse
 
@@ -226,7 +226,7 @@ class _KWConvNd(_KWLayer):
             # faster where the native kernels run: the pointwise product, conv2d_taps)
             return self._with_kernel(alpha, lambda w: self._conv(x, w[0], self.groups, bias))
         if self._pointwise:
-            out = None if torch.is_grad_enabled() else self._fused_inference(x, alpha)
+            out = self._fused(x, alpha)
             if out is None and self._pointwise_native(x):
                 # the mixtures read in place (apply_kernels_native): no reordered kernels
                 out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
@@ -237,7 +237,7 @@ class _KWConvNd(_KWLayer):
             # CPU, dense or grouped: per sample, kernels reordered one at a time (per_sample.py);
             # depth-wise ones run fastest as one convolution with B× the groups (below)
             x = self._per_sample_input(x)
-            out = None if torch.is_grad_enabled() else self._fused_inference(x, alpha)
+            out = self._fused(x, alpha)
             if out is None:
                 out = self._with_kernel(alpha, lambda mixed: run_per_sample(self, x, mixed),
                                         make=self.mix_cells)
@@ -404,29 +404,49 @@ class _KWConvNd(_KWLayer):
                 need_kernel, reuse, self._cell_groups())
         return grad_x, None if grad_kernels is None else grad_kernels.view_as(mixed)
 
-    def _fused_inference(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
-        """Inference through :func:`kw_mm.native.fused_conv2d_taps` (the kernels
-        assembled strip by strip inside the convolution, never stored) for
+    def _fused(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
+        """The layer through :func:`kw_mm.native.fused_conv2d_taps` (the kernels
+        assembled strip by strip inside the convolution, never stored): in
+        inference, and while training with ``recompute_kernels`` (the backward
+        pass rebuilds the mixtures, :class:`~.per_sample.FusedKernelConv`), for
         2-d layers with one group and shared cells, any cell groups: 1×1 ones
         where :func:`kw_mm.native.fused_pointwise_pays`, k×k ones where
         :func:`kw_mm.native.conv2d_taps_pays`; else None."""
+        cells = self.kw_warehouse.cells
+        graph = torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
+                                             or cells.requires_grad)
+        if graph and not self.recompute_kernels:
+            return None  # the backward pass needs the kernels: assembled and kept
+        if not self._fused_applies(x, alpha):
+            return None
+        cells = cells.reshape(self.kw_warehouse.plan.num_cells, -1).to(x.dtype)
+        if graph:
+            return FusedKernelConv.apply(x, alpha, cells, self)
+        return self.apply_fused(x, alpha, cells)
+
+    def _fused_applies(self, x: torch.Tensor, alpha: torch.Tensor) -> bool:
         plan, wh = self.layer_plan, self.kw_warehouse.plan
         if wh.private_cells or not (self.ndim == 2 and self.groups == 1 and plan.partitioned):
-            return None
+            return False
         if self._pointwise:
-            if self.stride != (1, 1):
-                x = x[:, :, ::self.stride[0], ::self.stride[1]]
-            macs = x.shape[0] * self.out_channels * self.in_channels * x.shape[2] * x.shape[3]
-            if not native.fused_pointwise_pays(wh.num_cells, x.shape[2] * x.shape[3]):
-                return None
-            geometry = ((1, 1), (1, 1), (0, 0), (1, 1))
+            positions = math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
+            if not native.fused_pointwise_pays(wh.num_cells, positions):
+                return False
+            macs = x.shape[0] * self.out_channels * self.in_channels * positions
         else:
             macs = self._taps_macs(x)
+        return macs is not None and native.usable(x, alpha, macs)
+
+    def apply_fused(self, x: torch.Tensor, alpha: torch.Tensor,
+                    cells: torch.Tensor) -> torch.Tensor:
+        """:func:`kw_mm.native.fused_conv2d_taps` of ``x`` (from
+        ``_per_sample_input``) with the kernels ``alpha @ cells`` (no autograd)."""
+        plan = self.layer_plan
+        if self._pointwise:
+            x, geometry = self._pointwise_input(x), ((1, 1), (1, 1), (0, 0), (1, 1))
+        else:
             geometry = (self.kernel_size, self.stride, self._explicit_padding()[0],
                         self.dilation)
-        if macs is None or not native.usable(x, alpha, macs):
-            return None
-        cells = self.kw_warehouse.cells.reshape(wh.num_cells, -1).to(x.dtype)
         return native.fused_conv2d_taps(x, alpha, cells, *geometry,
                                         cell_groups=(plan.out_groups, plan.in_groups))
 

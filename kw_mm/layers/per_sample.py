@@ -23,8 +23,12 @@ for depth-wise convolutions, where the grouped form is the faster one).
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 from torch.autograd.function import once_differentiable
+
+from .. import native
 
 
 class PerSampleKernelConv(torch.autograd.Function):
@@ -61,26 +65,77 @@ class PerSampleKernelConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, mixed = ctx.saved_tensors
-        layer = ctx.layer
-        need_x, need_kernel = ctx.needs_input_grad[:2]
-        if ctx.native:  # all samples at once where the native backward applies
-            grads = layer.apply_kernels_native_backward(grad_out, x, mixed, need_x, need_kernel,
-                                                        ctx.reuse_saved)
-            if grads is not None:
-                return grads[0], grads[1], None, None
-        grad_x = [] if need_x else None
-        grad_mixed = None
-        if need_kernel:
-            grad_mixed = mixed if ctx.reuse_saved else torch.empty_like(mixed)
-        for b in range(x.shape[0]):
-            grad_xb, grad_kernel = layer.apply_kernel_backward(
-                grad_out[b:b + 1], x[b:b + 1], layer.mixture_to_kernel(mixed[b]),
-                need_x, need_kernel)
-            if need_x:
-                grad_x.append(grad_xb)
-            if need_kernel:  # sample b's kernel is no longer needed: its slot may be reused
-                layer.kernel_into_mixture_(grad_mixed[b], grad_kernel)
-        return (torch.cat(grad_x) if need_x else None), grad_mixed, None, None
+        grad_x, grad_mixed = mixtures_backward(ctx.layer, grad_out, x, mixed,
+                                               *ctx.needs_input_grad[:2], ctx.reuse_saved,
+                                               ctx.native)
+        return grad_x, grad_mixed, None, None
+
+
+def mixtures_backward(layer, grad_out: torch.Tensor, x: torch.Tensor, mixed: torch.Tensor,
+                      need_x: bool, need_mixed: bool, reuse: bool, native: bool
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of :class:`PerSampleKernelConv`'s output for ``x`` and ``mixed``:
+    all samples at once where ``native`` (the forward ran natively) and the
+    layer's native backward applies, else one sample at a time; the mixtures'
+    written over ``mixed`` where ``reuse``."""
+    if native:
+        grads = layer.apply_kernels_native_backward(grad_out, x, mixed, need_x, need_mixed,
+                                                    reuse)
+        if grads is not None:
+            return grads
+    grad_x = [] if need_x else None
+    grad_mixed = None
+    if need_mixed:
+        grad_mixed = mixed if reuse else torch.empty_like(mixed)
+    for b in range(x.shape[0]):
+        grad_xb, grad_kernel = layer.apply_kernel_backward(
+            grad_out[b:b + 1], x[b:b + 1], layer.mixture_to_kernel(mixed[b]),
+            need_x, need_mixed)
+        if need_x:
+            grad_x.append(grad_xb)
+        if need_mixed:  # sample b's kernel is no longer needed: its slot may be reused
+            layer.kernel_into_mixture_(grad_mixed[b], grad_kernel)
+    return (torch.cat(grad_x) if need_x else None), grad_mixed
+
+
+class FusedKernelConv(torch.autograd.Function):
+    """A KW layer's output through ``layer.apply_fused(x, alpha, cells)`` (the
+    kernels ``alpha @ cells`` assembled inside the convolution, never stored),
+    for training with ``recompute_kernels``: only ``x``, ``alpha`` and the
+    cells are kept, and the backward pass rebuilds the mixtures
+    (``layer.mix_cells``, the unfused forward's assembly: the same numbers),
+    takes :func:`mixtures_backward` on them, overwriting them with their
+    gradient, and from that the gradients of ``alpha`` and the cells.
+    ``alpha [B, m, n]``, ``cells [n, cell numel]``, float32 on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
+                layer) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, alpha, cells)
+        return layer.apply_fused(x, alpha, cells)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, alpha, cells = ctx.saved_tensors
+        need_x, need_alpha, need_cells = ctx.needs_input_grad[:3]
+        batch, mixtures = alpha.shape[:2]
+        with torch.no_grad():
+            mixed = ctx.layer.mix_cells(alpha)
+        flat_alpha = alpha.reshape(batch * mixtures, -1).contiguous()
+        need_mixed = need_alpha or need_cells
+        grad_x, grad_mixed = mixtures_backward(ctx.layer, grad_out, x, mixed, need_x,
+                                               need_mixed, True, True)
+        grad_alpha = grad_cells = None
+        if need_mixed:
+            grad_alpha, grad_cells = native.small_k_grads(
+                flat_alpha, cells, grad_mixed.view(batch * mixtures, -1), need_alpha,
+                need_cells)
+            if grad_alpha is not None:
+                grad_alpha = grad_alpha.view_as(alpha)
+        return grad_x, grad_alpha, grad_cells, None
 
 
 def run_per_sample(layer, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:

@@ -640,11 +640,20 @@ class SmallKMatmul(_NativeProduct):
         need_a, need_b = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # differentiating the backward itself
             return (grad @ b.t() if need_a else None), (a.t() @ grad if need_b else None)
-        grad_a = None
-        if need_a:
-            grad_a = gemm_nt(grad, b) if _nt_fits(grad.shape[0], b.shape[0]) else grad @ b.t()
-        grad_b = gemm_nn(a.t().contiguous(), grad) if need_b else None
-        return grad_a, grad_b
+        return small_k_grads(a, b, grad, need_a, need_b)
+
+
+def small_k_grads(a: Optional[torch.Tensor], b: Optional[torch.Tensor], grad: torch.Tensor,
+                  need_a: bool, need_b: bool
+                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of ``a @ b`` (``a [M, K]``, ``b [K, N]``, float32 CPU) given the
+    output's: ``grad @ bᵀ`` and ``aᵀ @ grad`` with the native kernels, None
+    where not needed (no autograd)."""
+    grad_a = None
+    if need_a:
+        grad_a = gemm_nt(grad, b) if _nt_fits(grad.shape[0], b.shape[0]) else grad @ b.t()
+    grad_b = gemm_nn(a.t().contiguous(), grad) if need_b else None
+    return grad_a, grad_b
 
 
 #: In :class:`BatchedMatmul`'s backward, ``aᵀ @ grad`` (``[K, N]``, inner

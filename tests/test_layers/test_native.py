@@ -642,3 +642,40 @@ def test_large_attention_gradients_fall_back_to_torch(monkeypatch):
     b = torch.randn(5, 300)
     native.matmul(a, b).sum().backward()
     torch.testing.assert_close(a.grad, b.sum(1).expand(6, 5))
+
+
+@needs_native
+@pytest.mark.parametrize('make,input_grad', [
+    (lambda r: KWConv2d(16, 32, 1, stride=2, cell_in_ratio=0.5, cell_out_ratio=0.5,
+                        recompute_kernels=r), True),
+    (lambda r: KWConv2d(16, 24, 3, padding=1, recompute_kernels=r), True),  # native backward
+    (lambda r: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2), recompute_kernels=r),
+     True),
+    (lambda r: KWConv2d(16, 32, 3, stride=2, padding=1, cell_in_ratio=0.5,
+                        recompute_kernels=r), True),  # per-sample backward on the mixtures
+    (lambda r: KWConv2d(16, 24, 3, padding=1, recompute_kernels=r), False),  # a first layer
+])
+def test_training_with_recompute_runs_fused_with_the_same_numbers(make, input_grad,
+                                                                  monkeypatch):
+    """With recompute_kernels the forward keeps no kernels, so it can run fused:
+    outputs and gradients equal those of the unfused path that keeps them."""
+    used = []
+    fused = native.fused_conv2d_taps
+    monkeypatch.setattr(native, 'fused_conv2d_taps',
+                        lambda *a, **k: used.append(1) or fused(*a, **k))
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = make(recompute).train()
+        set_temperature(layer, 0.3)
+        x = torch.randn(3, 16, 10, 10, requires_grad=input_grad)
+        out = layer(x)
+        assert len(used) == recompute
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for fast, ref in zip(*results):
+        assert (fast is None) == (ref is None)
+        if fast is not None:
+            assert torch.equal(fast, ref)
