@@ -32,7 +32,7 @@ KW_CFG_DEFAULTS: Dict[str, Any] = dict(
     sharing='stage',
     share_across_shapes=True,
     kernel_partition=True,
-    recompute_kernels=False,
+    recompute_kernels=True,
 )
 
 #: warehouse sharing ranges (paper Table 6). 'stage': the backbone's layout

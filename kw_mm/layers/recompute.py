@@ -17,6 +17,7 @@ cost is one extra assembly per layer and training step.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Tuple
 
 import torch
@@ -39,10 +40,13 @@ class KernelRecompute(torch.autograd.graph.saved_tensors_hooks):
         self._storage = kernel.untyped_storage().data_ptr()
         self._device = kernel.device
         # backward runs outside any autocast region: rebuild under the same one
+        # (none on devices without autocast, e.g. 'meta')
         device_type = kernel.device.type
-        self._autocast = dict(device_type=device_type,
-                              enabled=torch.is_autocast_enabled(device_type),
-                              dtype=torch.get_autocast_dtype(device_type))
+        self._autocast = None
+        if torch.amp.is_autocast_available(device_type):
+            self._autocast = dict(device_type=device_type,
+                                  enabled=torch.is_autocast_enabled(device_type),
+                                  dtype=torch.get_autocast_dtype(device_type))
         self._pending = 0
         self._cache: Optional[torch.Tensor] = None
         super().__init__(self._pack, self._unpack)
@@ -61,7 +65,9 @@ class KernelRecompute(torch.autograd.graph.saved_tensors_hooks):
             return packed
         owner = packed.owner
         if owner._cache is None:
-            with torch.no_grad(), torch.autocast(**owner._autocast):
+            autocast = (torch.autocast(**owner._autocast) if owner._autocast is not None
+                        else contextlib.nullcontext())
+            with torch.no_grad(), autocast:
                 owner._cache = owner._make_kernel(owner._alpha)
         view = owner._cache.as_strided(packed.size, packed.stride, packed.offset)
         owner._pending -= 1

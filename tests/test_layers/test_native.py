@@ -200,11 +200,15 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
 
 @needs_native
 @pytest.mark.parametrize('make', [
-    lambda: KWConv2d(16, 16, 3, padding=1, bias=False),
-    lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5),  # 2 output groups
-    lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2)),  # odd 'same'
-    lambda: KWConv2d(16, 24, 3, padding=1, cell_in_ratio=0.5),  # 2 input groups
-    lambda: KWConv2d(16, 32, 1, stride=2, cell_in_ratio=0.5, cell_out_ratio=0.5),  # 1×1, groups
+    lambda: KWConv2d(16, 16, 3, padding=1, bias=False, recompute_kernels=False),
+    lambda: KWConv2d(16, 32, 3, stride=2, padding=1, cell_out_ratio=0.5,
+                     recompute_kernels=False),  # 2 output groups
+    lambda: KWConv2d(16, 16, (3, 5), padding='same', dilation=(1, 2),
+                     recompute_kernels=False),  # odd 'same'
+    lambda: KWConv2d(16, 24, 3, padding=1, cell_in_ratio=0.5,
+                     recompute_kernels=False),  # 2 input groups
+    lambda: KWConv2d(16, 32, 1, stride=2, cell_in_ratio=0.5, cell_out_ratio=0.5,
+                     recompute_kernels=False),  # 1×1, groups
 ])
 @pytest.mark.parametrize('train', [False, True])
 def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatch):
@@ -375,10 +379,13 @@ def test_fused_pointwise_is_chosen_where_assembly_is_a_large_share():
 
 @needs_native
 @pytest.mark.parametrize('make,size', [
-    (lambda: KWConv2d(16, 32, 1, bias=False, cell_in_ratio=0.5, cell_out_ratio=0.25), 5),
-    (lambda: KWConv2d(16, 24, 1, stride=2, cell_in_ratio=0.25), 7),    # a downsampling 1×1
+    (lambda: KWConv2d(16, 32, 1, bias=False, cell_in_ratio=0.5, cell_out_ratio=0.25,
+                      recompute_kernels=False), 5),
+    (lambda: KWConv2d(16, 24, 1, stride=2, cell_in_ratio=0.25, recompute_kernels=False),
+     7),    # a downsampling 1×1
 ])
 def test_pointwise_layers_fuse_in_inference_only(make, size, monkeypatch):
+    # (and in training with recompute_kernels: test_training_with_recompute_runs_fused...)
     used = []
     fused = native.fused_conv2d_taps
     monkeypatch.setattr(native, 'fused_conv2d_taps',

@@ -75,12 +75,12 @@ def test_inference_and_no_grad_build_the_kernel_once():
     assert len(count) == 1
 
 
-def test_backbone_option_and_bad_value():
+def test_backbone_option_default_and_bad_value():
     with torch.device('meta'):
-        model = KWResNet(18, kw_cfg=dict(recompute_kernels=True))
+        model = KWResNet(18, kw_cfg=dict(recompute_kernels=False))
         default = KWResNet(18, kw_cfg=dict())
-    assert model.layer1[0].conv1.recompute_kernels
-    assert not default.layer1[0].conv1.recompute_kernels
+    assert not model.layer1[0].conv1.recompute_kernels
+    assert default.layer1[0].conv1.recompute_kernels and KWConv2d(4, 4, 3).recompute_kernels
     with pytest.raises(ValueError, match='kw_cfg.recompute_kernels must be True or False'):
         KWResNet(18, kw_cfg=dict(recompute_kernels='yes'))
 
@@ -99,3 +99,13 @@ def test_retained_graph_gives_the_same_gradients_twice(recompute):
     (out * weights).sum().backward()
     for once, twice in zip(first, (x.grad, layer.warehouse.cells.grad)):
         torch.testing.assert_close(twice, 2 * once)
+
+
+def test_runs_on_devices_without_autocast():
+    # 'meta' (shape inference) has no autocast state for the rebuild to copy
+    with torch.device('meta'):
+        layer = KWConv2d(8, 16, 3, padding=1).train()
+        x = torch.empty(2, 8, 9, 9, requires_grad=True)
+        out = layer(x)
+        out.sum().backward()
+    assert out.shape == (2, 16, 9, 9) and x.grad.shape == x.shape
