@@ -430,11 +430,13 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
 
 
 #: the backward of a stride-1 :func:`conv2d_taps` runs natively for outputs of
-#: at most this many grid columns (rows × padded width) per sample: 7×7 and
-#: 14×14 maps, where per-sample oneDNN backward calls cost most (on the
-#: reference CPU 32 vs 52 ms for a 3×3 layer at 512 channels, 7×7, batch 8);
-#: larger maps keep oneDNN
-TAPS_BACKWARD_MAX_COLS = 256
+#: at most this many grid columns (rows × padded width) per sample: 7×7 to
+#: 28×28 maps, where per-sample oneDNN backward calls cost most (on the
+#: reference CPU 32 vs 52 ms for a 3×3 layer at 512 channels, 7×7, batch 8;
+#: 1024 rather than 256 columns: interleaved ResNet18 steps 0.921 vs 0.957 s,
+#: ResNet50 with recompute 2.708 vs 2.795 s and 2.681 vs 2.690 s); larger maps
+#: keep oneDNN (4096 columns measured slower)
+TAPS_BACKWARD_MAX_COLS = 1024
 
 #: :func:`conv2d_taps_backward` computes the kernels' gradient with the native
 #: product (inner dimension: the grid's columns) for up to this many columns,
