@@ -32,7 +32,7 @@ from .attention import KWAttention
 from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
 from .per_sample import FusedKernelConv, run_per_sample
-from .recompute import KernelRecompute
+from .recompute import KernelRecompute, hooks_unsupported
 from .warehouse import KernelWarehouse
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -160,18 +160,11 @@ class _KWLayer(nn.Module):
         make = make or self.assemble_kernel
         kernel = make(alpha)
         if (self.recompute_kernels and torch.is_grad_enabled() and kernel.requires_grad
-                and not _hooks_unsupported()):
+                and not hooks_unsupported()):
             with KernelRecompute(make, alpha, kernel):
                 return run(kernel)
         return run(kernel)
 
-
-def _hooks_unsupported() -> bool:
-    """Whether saved-tensor hooks cannot see real storages here: functorch
-    transforms (``torch.func.grad``, ``vmap``: wrapped tensors), tracing and
-    ``torch.compile``. The kernels are then kept as without ``recompute_kernels``."""
-    return (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
-            or torch.jit.is_scripting() or torch.compiler.is_compiling())
 
 
 class _KWConvNd(_KWLayer):
@@ -342,7 +335,8 @@ class _KWConvNd(_KWLayer):
         """Whether this 1×1 layer's products run natively on the mixtures as they
         are (:meth:`apply_kernels_native`), at any map size: the same product
         kernel as the reordered kernels' batched product, without reordering."""
-        if not (self.ndim == 2 and self.layer_plan.partitioned):
+        if (self.ndim != 2 or not self.layer_plan.partitioned
+                or self.kw_warehouse.plan.private_cells):  # private cells mix strided
             return False
         positions = math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
         macs = x.shape[0] * self.out_channels * self.in_channels * positions
@@ -527,7 +521,8 @@ class KWConv2d(_KWConvNd):
         recompute_kernels (bool): While training, rebuild the per-sample
             kernels in the backward pass instead of keeping them: saves
             ``B ×`` the layer's kernel in memory for one extra assembly (on
-            CPU the forward then runs fused, never storing them; ResNet50 at
+            CPU the forward then runs fused where that applies, never storing
+            them; ResNet50 at
             batch 8: peak memory 1.0x instead of 1.65x the plain model's, the
             training step about 5% slower). Defaults to True; False keeps them.
         warehouse (KernelWarehouse, optional): A shared warehouse whose plan

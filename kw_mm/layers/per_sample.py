@@ -29,6 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import native
+from .recompute import hooks_unsupported
 
 
 class PerSampleKernelConv(torch.autograd.Function):
@@ -39,12 +40,13 @@ class PerSampleKernelConv(torch.autograd.Function):
     and ``apply_kernels_native``: the forward of all samples at once straight
     from the mixtures (native CPU kernels), or None where that does not apply;
     after it, ``apply_kernels_native_backward`` gives the backward the same
-    way, or None.
+    way, or None. Its backward is not differentiable again (no second-order
+    gradients through KW layers on CPU's native paths).
     Runs with autocast off: the caller casts ``x`` and ``mixed`` to the
     dtype the operation should run in. ``reuse_saved``: the saved ``mixed``
     is rebuilt for the backward pass and owned by it alone (kernel
     recomputation), so the backward may overwrite it with its gradient
-    (one sample after another, or one kernel position after another in the
+    (one sample after another, or one mixture block after another in the
     native backward) instead of allocating a second such tensor.
     """
 
@@ -138,6 +140,12 @@ class FusedKernelConv(torch.autograd.Function):
         return grad_x, grad_alpha, grad_cells, None
 
 
+def _rebuilt(layer) -> bool:
+    """Whether the saved mixtures are rebuilt for backward (kernel recomputation
+    with its hooks in place), so the backward owns them and may overwrite them."""
+    return layer.recompute_kernels and not hooks_unsupported()
+
+
 def run_per_sample(layer, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
     """:class:`PerSampleKernelConv` in the dtype autocast would pick for a convolution.
 
@@ -147,10 +155,10 @@ def run_per_sample(layer, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
     device_type = x.device.type
     if not (torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
-        return PerSampleKernelConv.apply(x, mixed, layer, layer.recompute_kernels)
+        return PerSampleKernelConv.apply(x, mixed, layer, _rebuilt(layer))
     dtype = torch.get_autocast_dtype(device_type)
     cast = mixed.to(dtype)
     # a cast copy is saved as itself, not rebuilt: then it must not be overwritten
-    reuse = layer.recompute_kernels and cast is mixed
+    reuse = _rebuilt(layer) and cast is mixed
     with torch.autocast(device_type, enabled=False):
         return PerSampleKernelConv.apply(x.to(dtype), cast, layer, reuse)

@@ -86,3 +86,11 @@ class _Recipe:
         self.size = size
         self.stride = stride
         self.offset = offset
+
+
+def hooks_unsupported() -> bool:
+    """Whether saved-tensor hooks cannot see real storages here: functorch
+    transforms (``torch.func.grad``, ``vmap``: wrapped tensors), tracing and
+    ``torch.compile``. The kernels are then kept as without ``recompute_kernels``."""
+    return (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+            or torch.jit.is_scripting() or torch.compiler.is_compiling())

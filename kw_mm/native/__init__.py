@@ -463,8 +463,8 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     (``kw_conv_taps`` reading ``kernels`` column-major), one input group at a
     time; each mixture's gradient is one batched product ``grad (its output
     group) @ (its input group, shifted to its kernel position)ᵀ``, written into
-    ``kernels_grad`` (shaped as ``kernels``; a new tensor if None; it may be
-    ``kernels`` itself, which is read first).
+    ``kernels_grad`` (contiguous float32, shaped as ``kernels``; a new tensor if
+    None; it may be ``kernels`` itself, which is read first).
     """
     lib, source = _taps_setup('conv2d_taps_backward', x, kernel_size, (1, 1), padding,
                               dilation, kernels=kernels, grad=grad)
@@ -508,6 +508,12 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
         return grad_x, None
     if kernels_grad is None:
         kernels_grad = torch.empty_like(kernels)
+    elif (kernels_grad.shape != kernels.shape or kernels_grad.dtype != torch.float32
+          or kernels_grad.device.type != 'cpu' or not kernels_grad.is_contiguous()):
+        raise ValueError(f'conv2d_taps_backward: kernels_grad must be a contiguous float32 CPU '
+                         f'tensor of the kernels\' shape {tuple(kernels.shape)}, got '
+                         f'{kernels_grad.dtype} {kernels_grad.device.type} of shape '
+                         f'{tuple(kernels_grad.shape)}')
     phases = source.phases
     if cols <= NATIVE_KERNEL_GRAD_MAX_COLS:
         # the input grid transposed, so each block's (position, input group) is a
@@ -547,7 +553,8 @@ FUSED_POINTWISE_POSITIONS_PER_CELL = 1.5
 
 
 def fused_pointwise_pays(cells: int, positions: int) -> bool:
-    """Whether a 1×1 KW layer should run as :func:`fused_conv2d_taps` in inference."""
+    """Whether a 1×1 KW layer should run as :func:`fused_conv2d_taps` (inference,
+    or training with ``recompute_kernels``)."""
     return positions <= FUSED_POINTWISE_POSITIONS_PER_CELL * cells
 
 
@@ -564,7 +571,8 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
     block of kernel position ``s``, output group ``o`` and input group ``c``
     (the layout of KW's kernel partition).
 
-    No autograd (inference). ``kw_fused_taps`` assembles each strip of 8 rows
+    No autograd (inference; training through
+    :class:`kw_mm.layers.per_sample.FusedKernelConv`). ``kw_fused_taps`` assembles each strip of 8 rows
     of every sample's mixtures into a per-thread buffer and convolves with it
     at once, so the per-sample kernels (B × the layer's parameters) are neither
     written to memory nor read back.

@@ -275,6 +275,9 @@ def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, 
     with pytest.raises(ValueError, match='grad of shape'):
         native.conv2d_taps_backward(x, kernels, grad[..., 1:], kernel, padding, dilation,
                                     cell_groups=groups)
+    with pytest.raises(ValueError, match='kernels_grad must be a contiguous float32'):
+        native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation,
+                                    kernels_grad=kernels.transpose(2, 3), cell_groups=groups)
 
 
 @needs_native
