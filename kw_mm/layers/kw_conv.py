@@ -166,7 +166,6 @@ class _KWLayer(nn.Module):
         return run(kernel)
 
 
-
 class _KWConvNd(_KWLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple,
@@ -268,8 +267,7 @@ class _KWConvNd(_KWLayer):
         # y_b = W_b @ x_b over flattened positions: one batched matmul, no
         # per-call weight reordering as a convolution backend would do (the
         # native kernel on CPU where it applies, see kw_mm/native).
-        if self.stride != (1,) * self.ndim:
-            x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
+        x = self._pointwise_input(x)
         batch = x.shape[0]
         out = native.bmm(weight.view(batch, self.out_channels, self.in_channels),
                          x.reshape(batch, self.in_channels, -1))
@@ -338,8 +336,7 @@ class _KWConvNd(_KWLayer):
         if (self.ndim != 2 or not self.layer_plan.partitioned
                 or self.kw_warehouse.plan.private_cells):  # private cells mix strided
             return False
-        positions = math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
-        macs = x.shape[0] * self.out_channels * self.in_channels * positions
+        macs = x.shape[0] * self.out_channels * self.in_channels * self._pointwise_positions(x)
         return native.usable(x, x, macs)
 
     def _kernel_blocks(self, mixed: torch.Tensor) -> torch.Tensor:
@@ -372,9 +369,14 @@ class _KWConvNd(_KWLayer):
 
     def _pointwise_input(self, x: torch.Tensor) -> torch.Tensor:
         """The positions a 1×1 layer reads (every stride-th one)."""
-        if self.stride == (1, 1):
+        if self.stride == (1,) * self.ndim:
             return x
-        return x[:, :, ::self.stride[0], ::self.stride[1]].contiguous()
+        every = tuple(slice(None, None, s) for s in self.stride)
+        return x[(slice(None), slice(None)) + every].contiguous()
+
+    def _pointwise_positions(self, x: torch.Tensor) -> int:
+        """How many positions of ``x`` a 1×1 layer reads per sample."""
+        return math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
 
     def apply_kernels_native_backward(self, grad: torch.Tensor, x: torch.Tensor,
                                       mixed: torch.Tensor, need_x: bool, need_kernel: bool,
@@ -433,7 +435,7 @@ class _KWConvNd(_KWLayer):
         if wh.private_cells or not (self.ndim == 2 and self.groups == 1 and plan.partitioned):
             return False
         if self._pointwise:
-            positions = math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
+            positions = self._pointwise_positions(x)
             if not native.fused_pointwise_pays(wh.num_cells, positions):
                 return False
             macs = x.shape[0] * self.out_channels * self.in_channels * positions
@@ -522,9 +524,9 @@ class KWConv2d(_KWConvNd):
             kernels in the backward pass instead of keeping them: saves
             ``B ×`` the layer's kernel in memory for one extra assembly (on
             CPU the forward then runs fused where that applies, never storing
-            them; ResNet50 at
-            batch 8: peak memory 1.0x instead of 1.65x the plain model's, the
-            training step about 5% slower). Defaults to True; False keeps them.
+            them; ResNet50 at batch 8: peak memory 1.0x instead of 1.65x the
+            plain model's, the training step about 5% slower). Defaults to
+            True; False keeps them.
         warehouse (KernelWarehouse, optional): A shared warehouse whose plan
             includes a layer called ``name``; when None the layer owns one.
         name (str, optional): The layer's name in the warehouse plan.

@@ -376,7 +376,8 @@ def _check_taps_kernels(name: str, kernels: torch.Tensor, x: torch.Tensor,
     g_out, g_in = cell_groups
     if (kernels.dim() != 4 or kernels.shape[0] != x.shape[0]
             or kernels.shape[1] != kernel_size[0] * kernel_size[1] * g_out * g_in
-            or kernels.shape[3] * g_in != x.shape[1] or (contiguous and not kernels.is_contiguous())):
+            or kernels.shape[3] * g_in != x.shape[1]
+            or (contiguous and not kernels.is_contiguous())):
         required = ' (contiguous)' if contiguous else ''
         raise ValueError(f'{name}: kernels of shape {tuple(kernels.shape)}{required} do not fit '
                          f'input {tuple(x.shape)}, kernel size {kernel_size} and cell_groups '
@@ -572,10 +573,10 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
     (the layout of KW's kernel partition).
 
     No autograd (inference; training through
-    :class:`kw_mm.layers.per_sample.FusedKernelConv`). ``kw_fused_taps`` assembles each strip of 8 rows
-    of every sample's mixtures into a per-thread buffer and convolves with it
-    at once, so the per-sample kernels (B × the layer's parameters) are neither
-    written to memory nor read back.
+    :class:`kw_mm.layers.per_sample.FusedKernelConv`). ``kw_fused_taps``
+    assembles each strip of 8 rows of every sample's mixtures into a
+    per-thread buffer and convolves with it at once, so the per-sample kernels
+    (B × the layer's parameters) are neither written to memory nor read back.
     """
     lib, source = _taps_setup('fused_conv2d_taps', x, kernel_size, stride, padding, dilation,
                               alpha=alpha, cells=cells)

@@ -35,25 +35,24 @@ static inline __mmask16 lane_mask(int64_t remaining)
 }
 
 /* A sum of products C = Σ_t A_t · B_t over "taps" t < count, A_t at
- * A + a_off[t] (or A + t·a_step where a_off is NULL) and B_t at B + b_off[t]
- * (a plain product: one tap at 0). With B a zero-padded image [K, rows ×
- * width] and b_off[t] the offset of kernel position t, this is a stride-1
- * convolution over that padded grid (see kw_conv_taps; a strided one reads
- * the image's phases). */
+ * A + a_off[t] and B_t at B + b_off[t] (a plain product: one tap at 0). With
+ * B a zero-padded image [K, rows × width] and b_off[t] the offset of kernel
+ * position t, this is a stride-1 convolution over that padded grid (see
+ * kw_conv_taps; a strided one reads the image's phases). */
 typedef struct {
-    int64_t count, a_step;
+    int64_t count;
     const int64_t *b_off, *a_off;
 } taps_t;
 
 static const int64_t no_offset[1] = {0};
+
+#define TRANSPOSED_PREFETCH 32
 
 /* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ R, cols ≤ 16·V, the
  * R × V accumulators in registers (R and V are constants once inlined: at
  * most 8 × 3 or 6 × 4, 24 accumulators). A[r, k] is at A + r·ars + k·aks
  * (aks = 1 for a row-major A, ars = 1 for a transposed one). Missing rows
  * read the last valid row of A and are not stored. */
-#define TRANSPOSED_PREFETCH 32
-
 static inline __attribute__((always_inline)) void
 nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
          const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb, float *C,
@@ -66,7 +65,7 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
     for (int64_t t = 0; t < taps->count; ++t) {
-        const float *At = A + (taps->a_off ? taps->a_off[t] : t * taps->a_step);
+        const float *At = A + taps->a_off[t];
         for (int r = 0; r < R; ++r) a[r] = At + (r < rows ? r : rows - 1) * ars;
         const float *Bt = B + taps->b_off[t];
         for (int64_t k = 0; k < K; ++k) {
@@ -205,7 +204,7 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         const float *B, int64_t sb, int64_t ldb,
                         float *C, int64_t sc, int64_t ldc, int nthreads)
 {
-    taps_t one = {1, 0, no_offset, NULL};
+    taps_t one = {1, no_offset, no_offset};
     nn_run(batch, 1, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, 0, ldc, &one, nthreads);
 }
 
@@ -230,14 +229,14 @@ void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
  * gradient with the transposed kernel positions). Returns 0, or -1 if its
  * table of taps could not be allocated (C untouched). */
 int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t taps,
-                  const float *A, int64_t sa, int64_t ars, int64_t aks, const int64_t *a_off,
-                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  float *C, int64_t sc, int64_t gc, int64_t ldc, int nthreads)
+                 const float *A, int64_t sa, int64_t ars, int64_t aks, const int64_t *a_off,
+                 const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                 float *C, int64_t sc, int64_t gc, int64_t ldc, int nthreads)
 {
     taps_t *kernel = malloc((size_t)(groups > 0 ? groups : 1) * sizeof(taps_t));
     if (!kernel) return -1;
     for (int64_t g = 0; g < groups; ++g) {
-        taps_t one = {taps, 0, b_off, a_off + g * taps};
+        taps_t one = {taps, b_off, a_off + g * taps};
         kernel[g] = one;
     }
     nn_run(batch, groups, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, gc, ldc, kernel, nthreads);
@@ -275,7 +274,7 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
         return -1;
     }
     for (int64_t i = 0; i < m; ++i) a_off[i] = mix[i] * cols_a;
-    taps_t one = {1, 0, no_offset, NULL};
+    taps_t one = {1, no_offset, no_offset};
     int tall_a = tall_tiles(rows_a, cols_a), tall_c = tall_tiles(SR, N);
     int64_t width_a = tall_a ? 48 : 64, width_c = tall_c ? 48 : 64;
     int64_t strips = (M + SR - 1) / SR;
@@ -294,7 +293,7 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
                          alpha, lda, 1, E + r0 * K, lde, W, cols_a, 0, &one);
             for (int64_t b = 0; b < batch; ++b)
                 for (int64_t o = 0; o < gout; ++o) {
-                    taps_t kernel = {taps, 0, b_off, a_off + o * taps};
+                    taps_t kernel = {taps, b_off, a_off + o * taps};
                     for (int64_t j = 0; j < N; j += width_c)
                         nn_strip(tall_c, 0, rows, j, N - j < width_c ? N - j : width_c, K,
                                  W + b * m * cols_a, K, 1, B + b * sb, ldb,
