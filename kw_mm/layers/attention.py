@@ -134,12 +134,15 @@ class KWAttention(nn.Module):
         if self.use_basis:
             nn.init.zeros_(self.basis_bias)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample logits ``[B, m, n + 1]`` (zero cell last)."""
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden vector ``[B, d]`` the logits are computed from (GAP → FC → norm → ReLU)."""
         if x.dim() > 2:
             x = x.flatten(2).mean(-1)
-        x = self.act1(self.norm1(self.fc1(x)))
-        z = self.fc2(x)
+        return self.act1(self.norm1(self.fc1(x)))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample logits ``[B, m, n + 1]`` (zero cell last)."""
+        z = self.fc2(self.hidden(x))
         if not self.use_basis:
             return z.view(-1, self.num_mixtures, self.num_cells + 1)
         z = z.view(-1, self.num_mixtures, self.num_local + self.num_basis + 1)

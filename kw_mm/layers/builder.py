@@ -33,6 +33,7 @@ KW_CFG_DEFAULTS: Dict[str, Any] = dict(
     share_across_shapes=True,
     kernel_partition=True,
     recompute_kernels=True,
+    inference_basis=True,
 )
 
 #: warehouse sharing ranges (paper Table 6). 'stage': the backbone's layout
@@ -88,7 +89,8 @@ def parse_kw_cfg(kw_cfg: Optional[Mapping[str, Any]], extra_keys: Iterable[str] 
         raise ValueError(f'kw_cfg.temperature must be in [0, 1], got {temperature!r}')
     if cfg['sharing'] not in SHARING_RANGES:
         raise ValueError(f"kw_cfg.sharing must be one of {SHARING_RANGES}, got {cfg['sharing']!r}")
-    for key in ('share_across_shapes', 'kernel_partition', 'recompute_kernels'):
+    for key in ('share_across_shapes', 'kernel_partition', 'recompute_kernels',
+                'inference_basis'):
         if not isinstance(cfg[key], bool):
             raise ValueError(f'kw_cfg.{key} must be True or False, got {cfg[key]!r}')
     if not cfg['kernel_partition'] and ratio > 0:
@@ -213,6 +215,7 @@ class WarehouseBuilder:
         return _CONV_CLASSES[ndim](in_channels, out_channels, kernel_size, stride=stride,
                                    padding=padding, dilation=dilation, groups=groups, bias=bias,
                                    warehouse=self._by_key[self._key_of[name]], name=name,
+                                   inference_basis=self.kw_cfg['inference_basis'],
                                    **self._kw_options())
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Module:

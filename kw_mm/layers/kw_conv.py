@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import native
 from .attention import KWAttention
+from .basis import InferenceBasis, basis_coefficients, basis_pays, basis_rows, hooked, with_beta
 from .export_forward import batch_agnostic_conv, is_exporting
 from .partition import KernelShape, LayerPlan, plan_warehouse
 from .per_sample import FusedKernelConv, run_per_sample
@@ -64,6 +65,7 @@ class _KWLayer(nn.Module):
         if not isinstance(recompute_kernels, bool):
             raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
         self.recompute_kernels = recompute_kernels
+        self._inference_basis = InferenceBasis()
         if warehouse is None:
             plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio, init,
                                   kernel_partition)
@@ -177,9 +179,13 @@ class _KWConvNd(_KWLayer):
                  norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
                  attention_fn: str = 'caf', init: str = 'one_to_one',
                  kernel_partition: bool = True, recompute_kernels: bool = True,
+                 inference_basis: bool = True,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        if not isinstance(inference_basis, bool):
+            raise ValueError(f'inference_basis must be True or False, got {inference_basis!r}')
+        self.inference_basis = inference_basis
         nd = self.ndim
         for label, value in (('in_channels', in_channels), ('out_channels', out_channels),
                              ('groups', groups)):
@@ -218,8 +224,11 @@ class _KWConvNd(_KWLayer):
         if x.dim() != self.ndim + 2:
             raise ValueError(f'{type(self).__name__} expects a {self.ndim + 2}-D input '
                              f'[B, C, ...], got shape {tuple(x.shape)}')
-        alpha = self.attention(x).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = self._basis_forward(x)
+        if out is not None:
+            return out if bias is None else out + bias.view(1, -1, *([1] * self.ndim))
+        alpha = self.attention(x).to(x.dtype)
         if is_exporting():  # ONNX: no branch on the batch size (see export_forward.py)
             return batch_agnostic_conv(x, self.assemble_kernel(alpha), bias, self.stride,
                                        self.padding, self.dilation, self.groups)
@@ -430,6 +439,31 @@ class _KWConvNd(_KWLayer):
             return FusedKernelConv.apply(x, alpha, cells, self)
         return self.apply_fused(x, alpha, cells)
 
+    def _basis_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Inference (no autograd graph) through the layer's cached kernel basis
+        (:mod:`.basis`) with :func:`kw_mm.native.fused_conv2d_taps`, where the
+        fused path applies and :func:`~.basis.basis_pays`; else None. A forward
+        that builds a graph drops the cached basis."""
+        cache = self._inference_basis
+        cells = self.kw_warehouse.cells
+        if torch.is_grad_enabled() and (x.requires_grad or cells.requires_grad
+                                        or self.attention.fc2.weight.requires_grad):
+            cache.clear()
+            return None
+        if not self.inference_basis or is_exporting() or x.is_cuda or hooked(self.attention):
+            return None
+        beta = with_beta(self.attention)
+        rows = basis_rows(self.attention, beta)
+        wh = self.kw_warehouse.plan
+        if rows is None or not basis_pays(self.layer_plan.num_mixtures, rows, wh.num_cells):
+            return None
+        x_in = x if self._pointwise else self._per_sample_input(x)
+        if not self._fused_applies(x_in, x):
+            return None
+        basis = cache.get(self.attention, cells.reshape(wh.num_cells, -1).to(x.dtype), beta)
+        coefficients = basis_coefficients(self.attention, x, beta).to(x.dtype)
+        return self.apply_fused(x_in, coefficients, basis)
+
     def _fused_applies(self, x: torch.Tensor, alpha: torch.Tensor) -> bool:
         plan, wh = self.layer_plan, self.kw_warehouse.plan
         if wh.private_cells or not (self.ndim == 2 and self.groups == 1 and plan.partitioned):
@@ -527,6 +561,13 @@ class KWConv2d(_KWConvNd):
             them; ResNet50 at batch 8: peak memory 1.0x instead of 1.65x the
             plain model's, the training step about 5% slower). Defaults to
             True; False keeps them.
+        inference_basis (bool): In inference on CPU, mix each sample's kernels
+            from a cached basis of ``m·(d + 2)`` cell-sized rows (d: the
+            attention's hidden width) instead of the warehouse's n cells, where
+            that at most halves the work and the basis is at most 1.25× the
+            warehouse (:mod:`kw_mm.layers.basis`; ResNet50's third stage:
+            17–18 rows instead of 138, about 350 MB of bases for the model).
+            Defaults to True.
         warehouse (KernelWarehouse, optional): A shared warehouse whose plan
             includes a layer called ``name``; when None the layer owns one.
         name (str, optional): The layer's name in the warehouse plan.

@@ -119,7 +119,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
                                  i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.kw_fused_taps.restype = ctypes.c_int
-    lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
+    lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.kw_gemm_nt.restype = ctypes.c_int
     lib.kw_gemm_nt.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
@@ -565,7 +565,9 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
                       cell_groups: Tuple[int, int] = (1, 1)) -> torch.Tensor:
     """:func:`conv2d_taps` of the kernels ``alpha @ cells`` without building them.
 
-    ``alpha [B, m, n]``, ``cells [n, cell_out·cell_in]``; with
+    ``alpha [B, m, n]``, ``cells [n, cell_out·cell_in]`` (every mixture mixes
+    the same cells) or ``[m, n, cell_out·cell_in]`` (mixture ``i`` mixes
+    ``cells[i]``: a layer's inference basis, :mod:`kw_mm.layers.basis`); with
     ``cell_groups = (G_out, G_in)`` the layer's ``out = G_out·cell_out`` and
     ``in = G_in·cell_in`` channels are split into groups, and mixture
     ``i = (s·G_out + o)·G_in + c`` (``m = kh·kw·G_out·G_in`` of them) is the
@@ -588,16 +590,18 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
                          f'{cell_groups}')
     mixtures = positions * g_out * g_in
     cell_in = channels // g_in
-    if (alpha.dim() != 3 or alpha.shape[:2] != (batch, mixtures) or cells.dim() != 2
-            or cells.shape[0] != alpha.shape[2] or channels % g_in
-            or cells.shape[1] % cell_in):
+    own = cells.dim() == 3
+    if (alpha.dim() != 3 or alpha.shape[:2] != (batch, mixtures) or cells.dim() not in (2, 3)
+            or (own and cells.shape[0] != mixtures)
+            or cells.shape[-2] != alpha.shape[2] or channels % g_in
+            or cells.shape[-1] % cell_in):
         raise ValueError(f'fused_conv2d_taps: alpha {tuple(alpha.shape)} and cells '
                          f'{tuple(cells.shape)} do not fit input {tuple(x.shape)}, kernel '
                          f'size {kernel_size} and cell_groups {cell_groups}')
-    cell_out = cells.shape[1] // cell_in
+    cell_out = cells.shape[-1] // cell_in
     taps = positions * g_in
     alpha = alpha.reshape(batch * mixtures, -1).contiguous()
-    cells = _rows(cells)
+    cells = cells.contiguous() if own else _rows(cells)
     phases = source.phases
     ldb = phases.stride(1)
     b_off = (ctypes.c_int64 * taps)(*[source.offsets[s] + c * cell_in * ldb
@@ -606,8 +610,9 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
                                          for s in range(positions) for c in range(g_in)])
     out = source.output(batch, g_out * cell_out)
     failed = lib.kw_fused_taps(
-        batch, cell_out, source.cols, cell_in, taps, g_out, cells.shape[0],
-        alpha.data_ptr(), alpha.stride(0), cells.data_ptr(), cells.stride(0), phases.data_ptr(),
+        batch, cell_out, source.cols, cell_in, taps, g_out, cells.shape[-2],
+        alpha.data_ptr(), alpha.stride(0), cells.data_ptr(), cells.stride(-2),
+        cells.stride(0) if own else 0, phases.data_ptr(),
         phases.stride(0), ldb, b_off, mix, out.data_ptr(), out.stride(0), out.stride(1),
         torch.get_num_threads())
     if failed:

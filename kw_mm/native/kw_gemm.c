@@ -249,8 +249,10 @@ int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K,
  * mixtures per sample; mixture mix[o·taps + t] of a sample is group o's
  * kernel for tap t (a kernel position, or a kernel position and a group of
  * K input channels: b_off[t] points into the input accordingly), an [M, K]
- * matrix. Its values are α[(b, i)] · E: α [batch·m, ncells] with row stride
- * lda, E the cells [ncells, M·K] with row stride lde.
+ * matrix. Its values are α[(b, i)] · E_i: α [batch·m, ncells] with row stride
+ * lda, E_i the cells [ncells, M·K] with row stride lde, at E + i·e_mix (e_mix = 0:
+ * every mixture mixes the same cells, a warehouse; else each mixture has its own
+ * set, e.g. a layer's inference basis, see kw_mm/layers/basis.py).
  *
  * For each strip of FUSED_STRIP rows of the cells, that strip of every mixture
  * of every sample is assembled into a per-thread buffer (one pass over that
@@ -260,7 +262,7 @@ int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K,
 #define FUSED_STRIP 8
 int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
-                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                  int64_t e_mix, const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
                   const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads)
 {
     if (nthreads < 1) nthreads = 1;
@@ -275,7 +277,10 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
     }
     for (int64_t i = 0; i < m; ++i) a_off[i] = mix[i] * cols_a;
     taps_t one = {1, no_offset, no_offset};
-    int tall_a = tall_tiles(rows_a, cols_a), tall_c = tall_tiles(SR, N);
+    /* shared cells: one product [batch·m, ncells] × [ncells, strip]; own cells:
+     * one [batch, ncells] × [ncells, strip] per mixture (rows m apart in W) */
+    int64_t rows_p = e_mix ? batch : rows_a, mixes = e_mix ? m : 1;
+    int tall_a = tall_tiles(rows_p, cols_a), tall_c = tall_tiles(SR, N);
     int64_t width_a = tall_a ? 48 : 64, width_c = tall_c ? 48 : 64;
     int64_t strips = (M + SR - 1) / SR;
     #pragma omp parallel num_threads(nthreads)
@@ -288,9 +293,12 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
         #pragma omp for schedule(static)
         for (int64_t s = 0; s < strips; ++s) {
             int64_t r0 = s * SR, rows = M - r0 < SR ? M - r0 : SR, used = rows * K;
-            for (int64_t j = 0; j < used; j += width_a)
-                nn_strip(tall_a, 0, rows_a, j, used - j < width_a ? used - j : width_a, ncells,
-                         alpha, lda, 1, E + r0 * K, lde, W, cols_a, 0, &one);
+            for (int64_t i = 0; i < mixes; ++i)
+                for (int64_t j = 0; j < used; j += width_a)
+                    nn_strip(tall_a, 0, rows_p, j, used - j < width_a ? used - j : width_a,
+                             ncells, alpha + i * lda, lda * (mixes > 1 ? m : 1), 1,
+                             E + i * e_mix + r0 * K, lde, W + i * cols_a,
+                             cols_a * (mixes > 1 ? m : 1), 0, &one);
             for (int64_t b = 0; b < batch; ++b)
                 for (int64_t o = 0; o < gout; ++o) {
                     taps_t kernel = {taps, b_off, a_off + o * taps};
@@ -414,7 +422,7 @@ int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
 int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
-                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
+                  int64_t e_mix, const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
                   const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
 
 #endif
