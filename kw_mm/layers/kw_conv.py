@@ -397,27 +397,59 @@ class _KWConvNd(_KWLayer):
         stride 1 on small maps: see :func:`kw_mm.native.conv2d_taps_backward_pays`),
         the mixtures' written over ``mixed`` with ``reuse_mixed``; None where
         that does not apply."""
-        if grad.dtype != torch.float32:
+        geometry = self._native_backward_geometry(grad, x)
+        if geometry is None:
             return None
         kernels = self._kernel_blocks(mixed)
-        reuse = kernels if reuse_mixed else None
-        if self._pointwise:
-            grad_x, grad_kernels = native.conv2d_taps_backward(
-                self._pointwise_input(x), kernels, grad, (1, 1), (0, 0), (1, 1), need_x,
-                need_kernel, reuse, self._cell_groups())
-            if grad_x is not None and self.stride != (1, 1):
-                full = grad_x.new_zeros(x.shape)
-                full[:, :, ::self.stride[0], ::self.stride[1]] = grad_x
-                grad_x = full
-        else:
-            padding = self._explicit_padding()[0]
-            if self.stride != (1, 1) or not native.conv2d_taps_backward_pays(
-                    grad.shape[2], x.shape[3] + 2 * padding[1]):
-                return None
-            grad_x, grad_kernels = native.conv2d_taps_backward(
-                x, kernels, grad, self.kernel_size, padding, self.dilation, need_x,
-                need_kernel, reuse, self._cell_groups())
+        grad_x, grad_kernels = native.conv2d_taps_backward(
+            geometry[0], kernels, grad, *geometry[1:], need_x, need_kernel,
+            kernels if reuse_mixed else None, self._cell_groups())
+        if grad_x is not None and self._pointwise and self.stride != (1, 1):
+            full = grad_x.new_zeros(x.shape)
+            full[:, :, ::self.stride[0], ::self.stride[1]] = grad_x
+            grad_x = full
         return grad_x, None if grad_kernels is None else grad_kernels.view_as(mixed)
+
+    def _native_backward_geometry(self, grad: torch.Tensor, x: torch.Tensor) -> Optional[tuple]:
+        """``(input, kernel_size, padding, dilation)`` of this layer as a stride-1
+        taps convolution, where its backward runs natively (1×1 layers; k×k
+        ones at stride 1 where :func:`kw_mm.native.conv2d_taps_backward_pays`);
+        else None."""
+        if grad.dtype != torch.float32:
+            return None
+        if self._pointwise:
+            return self._pointwise_input(x), (1, 1), (0, 0), (1, 1)
+        padding = self._explicit_padding()[0]
+        if self.stride != (1, 1) or not native.conv2d_taps_backward_pays(
+                grad.shape[2], x.shape[3] + 2 * padding[1]):
+            return None
+        return x, self.kernel_size, padding, self.dilation
+
+    def fused_grads_apply(self, grad: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_mixture_grads` runs for this output gradient and
+        input (from ``_per_sample_input``): float32, the grid of output columns
+        small enough (:func:`kw_mm.native.conv2d_taps_backward_pays`)."""
+        if grad.dtype != torch.float32:
+            return False
+        if self._pointwise:
+            return True
+        padding = self._explicit_padding()[0]
+        grid_w = -(-(x.shape[3] + 2 * padding[1]) // self.stride[1])
+        return native.conv2d_taps_backward_pays(grad.shape[2], grid_w)
+
+    def fused_mixture_grads(self, grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
+                            cells: torch.Tensor, need_alpha: bool, need_cells: bool
+                            ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Gradients of :meth:`apply_fused` for ``alpha`` and ``cells`` through
+        :func:`kw_mm.native.fused_kernel_grads` (the mixtures' gradient never
+        stored), where :meth:`fused_grads_apply`."""
+        if self._pointwise:
+            x, geometry = self._pointwise_input(x), ((1, 1), (1, 1), (0, 0), (1, 1))
+        else:
+            geometry = (self.kernel_size, self.stride, self._explicit_padding()[0],
+                        self.dilation)
+        return native.fused_kernel_grads(x, grad, alpha, cells, *geometry,
+                                         self._cell_groups(), need_alpha, need_cells)
 
     def _fused(self, x: torch.Tensor, alpha: torch.Tensor) -> Optional[torch.Tensor]:
         """The layer through :func:`kw_mm.native.fused_conv2d_taps` (the kernels

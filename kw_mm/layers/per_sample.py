@@ -104,10 +104,13 @@ class FusedKernelConv(torch.autograd.Function):
     """A KW layer's output through ``layer.apply_fused(x, alpha, cells)`` (the
     kernels ``alpha @ cells`` assembled inside the convolution, never stored),
     for training with ``recompute_kernels``: only ``x``, ``alpha`` and the
-    cells are kept, and the backward pass rebuilds the mixtures
-    (``layer.mix_cells``, the unfused forward's assembly: the same numbers),
-    takes :func:`mixtures_backward` on them, overwriting them with their
-    gradient, and from that the gradients of ``alpha`` and the cells.
+    cells are kept. The backward pass rebuilds the mixtures
+    (``layer.mix_cells``, the unfused forward's assembly: the same numbers)
+    for the input's gradient (:func:`mixtures_backward`). Where
+    ``layer.fused_grads_apply`` (small maps, as the native backward), the
+    gradients of ``alpha`` and the cells come from
+    ``layer.fused_mixture_grads``, which never stores the mixtures' gradient;
+    elsewhere from that gradient, written over the rebuilt mixtures.
     ``alpha [B, m, n]``, ``cells [n, cell numel]``, float32 on CPU.
     """
 
@@ -123,12 +126,25 @@ class FusedKernelConv(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, alpha, cells = ctx.saved_tensors
         need_x, need_alpha, need_cells = ctx.needs_input_grad[:3]
+        layer = ctx.layer
+        if layer.fused_grads_apply(grad_out, x):
+            # the native backward applies: the input's gradient from rebuilt
+            # mixtures, the attentions' and cells' without storing the mixtures'
+            grad_x = None
+            if need_x:
+                with torch.no_grad():
+                    mixed = layer.mix_cells(alpha)
+                grad_x = mixtures_backward(layer, grad_out, x, mixed, True, False, True, True)[0]
+                del mixed
+            grad_alpha, grad_cells = layer.fused_mixture_grads(grad_out, x, alpha, cells,
+                                                               need_alpha, need_cells)
+            return grad_x, grad_alpha, grad_cells, None
         batch, mixtures = alpha.shape[:2]
         with torch.no_grad():
-            mixed = ctx.layer.mix_cells(alpha)
+            mixed = layer.mix_cells(alpha)
         flat_alpha = alpha.reshape(batch * mixtures, -1).contiguous()
         need_mixed = need_alpha or need_cells
-        grad_x, grad_mixed = mixtures_backward(ctx.layer, grad_out, x, mixed, need_x,
+        grad_x, grad_mixed = mixtures_backward(layer, grad_out, x, mixed, need_x,
                                                need_mixed, True, True)
         grad_alpha = grad_cells = None
         if need_mixed:

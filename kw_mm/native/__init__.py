@@ -122,6 +122,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
                                   ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.kw_gemm_nt.restype = ctypes.c_int
+    lib.kw_fused_kernel_grad.restype = ctypes.c_int
+    lib.kw_fused_kernel_grad.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
+                                         ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr,
+                                         i64, ctypes.c_int]
     lib.kw_gemm_nt.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]
     return lib
 
@@ -618,6 +622,84 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
     if failed:
         raise MemoryError('kw_fused_taps: could not allocate its per-thread buffers')
     return source.crop(out)
+
+
+def fused_kernel_grads(x: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor,
+                       cells: torch.Tensor, kernel_size: Tuple[int, int],
+                       stride: Tuple[int, int], padding: Tuple[int, int],
+                       dilation: Tuple[int, int],
+                       cell_groups: Tuple[int, int] = (1, 1), need_alpha: bool = True,
+                       need_cells: bool = True
+                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of :func:`fused_conv2d_taps` for ``alpha`` and ``cells`` (None
+    where not needed), given the output's gradient ``grad``.
+
+    No autograd. Each mixture's gradient ``D[b, i]`` (the gradient of the
+    kernels :func:`conv2d_taps_backward` would return) is computed strip by
+    strip inside ``kw_fused_kernel_grad`` and used there for both
+    ``grad_alpha[b, i, j] = Σ D[b, i] ⊙ cells[j]`` and
+    ``grad_cells[j] = Σ_(b, i) alpha[b, i, j] · D[b, i]``: the ``B × m``
+    mixture gradients are never stored.
+    """
+    lib, source = _taps_setup('fused_kernel_grads', x, kernel_size, stride, padding, dilation,
+                              alpha=alpha, cells=cells, grad=grad)
+    batch, channels = x.shape[:2]
+    positions = kernel_size[0] * kernel_size[1]
+    g_out, g_in = cell_groups
+    if g_out < 1 or g_in < 1:
+        raise ValueError(f'fused_kernel_grads: cell_groups must be two positive ints, got '
+                         f'{cell_groups}')
+    mixtures = positions * g_out * g_in
+    cell_in = channels // g_in
+    if (alpha.dim() != 3 or alpha.shape[:2] != (batch, mixtures)
+            or cells.dim() != 2 or cells.shape[0] != alpha.shape[2] or channels % g_in
+            or cells.shape[1] % cell_in):
+        raise ValueError(f'fused_kernel_grads: alpha {tuple(alpha.shape)} and cells '
+                         f'{tuple(cells.shape)} do not fit input {tuple(x.shape)}, kernel '
+                         f'size {kernel_size} and cell_groups {cell_groups}')
+    cell_out = cells.shape[1] // cell_in
+    if tuple(grad.shape) != (batch, g_out * cell_out, source.out_h, source.out_w):
+        raise ValueError(f'fused_kernel_grads: grad of shape {tuple(grad.shape)} does not fit '
+                         f'the output {(batch, g_out * cell_out, source.out_h, source.out_w)}')
+    ncells = cells.shape[0]
+    grad_alpha = torch.empty(batch * mixtures, ncells) if need_alpha else None
+    grad_cells = torch.empty(ncells, cells.shape[1]) if need_cells else None
+    if not (need_alpha or need_cells):
+        return None, None
+    g_grid = _grad_on_grid(grad, source)
+    # the input's grid (its phases, for stride > 1) transposed: grid position q of
+    # tap (s, c) reads row offsets[s] + q
+    grid_t = source.phases.view(batch, channels, -1).transpose(1, 2).contiguous()
+    taps = positions * g_in
+    x_off = _offsets([source.offsets[s] * channels + c * cell_in for s in range(positions)
+                      for c in range(g_in)])
+    mix = _offsets([(s * g_out + o) * g_in + c for o in range(g_out) for s in range(positions)
+                    for c in range(g_in)])
+    alpha = alpha.reshape(batch * mixtures, -1).contiguous()
+    cells = _rows(cells)
+    failed = lib.kw_fused_kernel_grad(
+        batch, cell_out, source.cols, cell_in, taps, g_out, ncells, alpha.data_ptr(),
+        alpha.stride(0), cells.data_ptr(), cells.stride(0), g_grid.data_ptr(),
+        g_grid.stride(0), g_grid.stride(1), grid_t.data_ptr(), grid_t.stride(0),
+        grid_t.stride(1), x_off, mix,
+        grad_alpha.data_ptr() if need_alpha else None, ncells,
+        grad_cells.data_ptr() if need_cells else None, cells.shape[1], torch.get_num_threads())
+    if failed:
+        raise MemoryError('kw_fused_kernel_grad: could not allocate its per-thread buffers')
+    if grad_alpha is not None:
+        grad_alpha = grad_alpha.view(batch, mixtures, ncells)
+    return grad_alpha, grad_cells
+
+
+def _grad_on_grid(grad: torch.Tensor, source: _TapsInput) -> torch.Tensor:
+    """``grad [B, C, out_h, out_w]`` laid on the taps grid ``[B, C, out_h · grid_w]``,
+    zero in the junk columns past ``out_w``."""
+    batch, channels = grad.shape[:2]
+    if source.grid_w == source.out_w:
+        return grad.contiguous().view(batch, channels, source.cols)
+    g_grid = grad.new_zeros(batch, channels, source.cols)
+    g_grid.view(batch, channels, source.out_h, source.grid_w)[..., :source.out_w] = grad
+    return g_grid
 
 
 def gemm_nt(g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

@@ -405,6 +405,94 @@ int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
     return 0;
 }
 
+/* The gradients of a KW convolution's attentions and cells without its
+ * mixtures' gradient in memory. Mixture i = mix[o·taps + t] of sample b has
+ * the gradient D[b, i] = G_b[o] · X_b[t]ᵀ, an [M, K] matrix: G_b[o] the
+ * output's gradient for output group o (M rows of N grid columns at G + b·sg
+ * + o·M·ldg, row stride ldg, zero in the grid's junk columns), X_b[t] the
+ * input read by tap t (N rows of K channels at X + b·sx + x_off[t], row stride
+ * ldx: the input grid transposed, shifted to the tap's kernel position and
+ * input group). With α [batch·m, ncells] (row stride lda) and the cells E
+ * [ncells, M·K] (row stride lde):
+ *
+ *   grad_alpha[(b, i), j] = Σ D[b, i] ⊙ E_j        (if grad_alpha)
+ *   grad_cells[j]         = Σ_(b, i) α[(b, i), j] · D[b, i]   (if grad_cells)
+ *
+ * For each strip of FUSED_STRIP rows, that strip of every D[b, i] is computed
+ * into a per-thread buffer and used at once by both products, so the B·m
+ * mixture gradients (B × the layer's parameters) are neither written to
+ * memory nor read back twice. grad_alpha [batch·m, ncells] (row stride ldga)
+ * is overwritten; grad_cells [ncells, M·K] (row stride ldgc) too. Returns 0,
+ * or -1 if the buffers could not be allocated (outputs untouched). */
+#define GRAD_CHUNK 1024
+int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+                         int64_t gout, int64_t ncells, const float *alpha, int64_t lda,
+                         const float *E, int64_t lde, const float *G, int64_t sg, int64_t ldg,
+                         const float *X, int64_t sx, int64_t ldx, const int64_t *x_off,
+                         const int64_t *mix, float *grad_alpha, int64_t ldga,
+                         float *grad_cells, int64_t ldgc, int nthreads)
+{
+    if (nthreads < 1) nthreads = 1;
+    const int64_t SR = FUSED_STRIP, m = gout * taps, rows_d = batch * m, cols_d = SR * K;
+    const int64_t P_pad = (ncells + NT_COLS - 1) / NT_COLS * NT_COLS;
+    const int64_t M_pad = (rows_d + NT_ROWS - 1) / NT_ROWS * NT_ROWS;
+    size_t buffer = ((size_t)rows_d * cols_d + 15) / 16 * 16;
+    size_t partial = grad_alpha ? (size_t)M_pad * P_pad * 16 : 0;
+    size_t per_thread = buffer + partial;
+    float *work = aligned_alloc(64, per_thread * nthreads * sizeof(float));
+    if (!work) return -1;
+    if (partial)
+        for (int t = 0; t < nthreads; ++t) memset(work + per_thread * t + buffer, 0,
+                                                 partial * sizeof(float));
+    taps_t one = {1, no_offset, no_offset};
+    int tall_d = tall_tiles(SR, K), tall_c = tall_tiles(ncells, cols_d);
+    int64_t width_d = tall_d ? 48 : 64, width_c = tall_c ? 48 : 64;
+    int64_t strips = (M + SR - 1) / SR;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *D = work + per_thread * tid;
+        float *vec = D + buffer;
+        #pragma omp for schedule(static)
+        for (int64_t s = 0; s < strips; ++s) {
+            int64_t r0 = s * SR, rows = M - r0 < SR ? M - r0 : SR, used = rows * K;
+            /* this strip of every mixture's gradient: D[b·m + i] is [rows, K] */
+            for (int64_t b = 0; b < batch; ++b)
+                for (int64_t o = 0; o < gout; ++o)
+                    for (int64_t t = 0; t < taps; ++t) {
+                        const float *g = G + b * sg + (o * M + r0) * ldg;
+                        float *d = D + (b * m + mix[o * taps + t]) * cols_d;
+                        for (int64_t j = 0; j < K; j += width_d)
+                            nn_strip(tall_d, 0, rows, j, K - j < width_d ? K - j : width_d, N,
+                                     g, ldg, 1, X + b * sx + x_off[t], ldx, d, K, 0, &one);
+                    }
+            if (grad_cells)  /* αᵀ · D for this strip: rows of grad_cells owned by this thread */
+                for (int64_t j = 0; j < used; j += width_c)
+                    nn_strip(tall_c, 0, ncells, j, used - j < width_c ? used - j : width_c,
+                             rows_d, alpha, 1, lda, D, cols_d, grad_cells + r0 * K, ldgc, 0,
+                             &one);
+            if (grad_alpha)  /* D · Eᵀ over this strip, in L2-sized chunks */
+                for (int64_t d0 = 0; d0 < used; d0 += GRAD_CHUNK)
+                    nt_chunk(rows_d, ncells, P_pad, d0, d0 + GRAD_CHUNK < used ? d0 + GRAD_CHUNK : used,
+                             D, cols_d, E + r0 * K, lde, vec);
+        }
+    }
+    if (grad_alpha)
+        for (int64_t i = 0; i < rows_d; ++i)
+            for (int64_t j = 0; j < ncells; ++j) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int t = 0; t < nthreads; ++t)
+                    acc = _mm512_add_ps(acc, _mm512_load_ps(work + per_thread * t + buffer
+                                                            + (i * P_pad + j) * 16));
+                grad_alpha[i * ldga + j] = _mm512_reduce_add_ps(acc);
+            }
+    free(work);
+    return 0;
+}
+
 #else /* no AVX-512F: kw_mm uses torch's matmul */
 
 int kw_gemm_available(void) { return 0; }
@@ -424,5 +512,12 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
                   int64_t e_mix, const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
                   const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
+
+int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
+                         int64_t gout, int64_t ncells, const float *alpha, int64_t lda,
+                         const float *E, int64_t lde, const float *G, int64_t sg, int64_t ldg,
+                         const float *X, int64_t sx, int64_t ldx, const int64_t *x_off,
+                         const int64_t *mix, float *grad_alpha, int64_t ldga,
+                         float *grad_cells, int64_t ldgc, int nthreads) { abort(); }
 
 #endif

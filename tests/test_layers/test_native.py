@@ -2,6 +2,7 @@
 import math
 import os
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -306,9 +307,9 @@ def test_conv2d_taps_backward_ignores_the_default_dtype():
 def test_layers_take_the_native_backward_on_small_maps(make, input_grad, recompute,
                                                        monkeypatch):
     used = []
-    backward = native.conv2d_taps_backward
-    monkeypatch.setattr(native, 'conv2d_taps_backward',
-                        lambda *a, **k: used.append(1) or backward(*a, **k))
+    for name in ('conv2d_taps_backward', 'fused_kernel_grads'):
+        monkeypatch.setattr(native, name, partial(lambda f, n, *a, **k: used.append(n) or f(*a, **k),
+                                                  getattr(native, name), name))
     monkeypatch.setattr(native, 'MIN_MACS', 0)
     results = []
     for max_cols in (native.TAPS_BACKWARD_MAX_COLS, 0):  # native, then per-sample oneDNN
@@ -320,7 +321,10 @@ def test_layers_take_the_native_backward_on_small_maps(make, input_grad, recompu
         out = layer(x)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
-    assert len(used) == 1  # by the first pass only
+    # by the first pass only: with recompute the fused forward's backward takes the
+    # fused gradients of the attentions and cells (and the native one for the input)
+    expected = (['conv2d_taps_backward'] if input_grad else []) + ['fused_kernel_grads']
+    assert used == (expected if recompute else ['conv2d_taps_backward'])
     for fast, ref in zip(*results):
         assert (fast is None) == (ref is None)
         if fast is not None:
@@ -370,6 +374,57 @@ def test_fused_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, str
         native.fused_conv2d_taps(x, alpha[:, :1], cells, kernel, stride, padding, (1, 1), groups)
     with pytest.raises(ValueError, match=r'cell_groups must be two positive ints, got \(0, 1\)'):
         native.fused_conv2d_taps(x, alpha, cells, kernel, stride, padding, (1, 1), (0, 1))
+
+
+@needs_native
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,dilation,groups', [
+    (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),  # rows not a multiple of 8
+    (2, 16, 20, (7, 7), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),
+    (2, 12, 16, (7, 8), (3, 3), (2, 2), (1, 1), (1, 1), (2, 3)),
+    (1, 8, 16, (6, 5), (1, 3), (1, 1), (0, 1), (1, 1), (1, 1)),
+    (2, 8, 8, (9, 9), (3, 3), (1, 1), (2, 2), (2, 2), (1, 2)),
+    (3, 12, 20, (5, 6), (1, 1), (1, 1), (0, 0), (1, 1), (2, 3)),
+    (2, 16, 44, (7, 7), (1, 1), (1, 1), (0, 0), (1, 1), (4, 1)),
+])
+def test_fused_kernel_grads_match_float64(batch, in_c, out_c, size, kernel, stride, padding,
+                                          dilation, groups, threads):
+    """The attentions' and cells' gradients of fused_conv2d_taps, against
+    float64 autograd through per-sample convolutions with the assembled kernels."""
+    torch.manual_seed(0)
+    mixtures, n = kernel[0] * kernel[1] * groups[0] * groups[1], 11
+    x = torch.randn(batch, in_c, *size)
+    alpha = torch.randn(batch, mixtures, n)
+    cells = torch.randn(n, out_c // groups[0] * in_c // groups[1])
+    alpha64 = alpha.double().requires_grad_()
+    cells64 = cells.double().requires_grad_()
+    kernels = per_sample_grouped_kernels64(alpha64, cells64, kernel, out_c, in_c, groups)
+    ref = torch.cat([torch.nn.functional.conv2d(x[b:b + 1].double(), kernels[b], None, stride,
+                                                padding, dilation) for b in range(batch)])
+    grad = torch.randn(ref.shape)
+    ref.backward(grad.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_alpha, grad_cells = native.fused_kernel_grads(x, grad, alpha, cells, kernel, stride,
+                                                           padding, dilation, groups)
+        only_cells = native.fused_kernel_grads(x, grad, alpha, cells, kernel, stride, padding,
+                                               dilation, groups, need_alpha=False)
+    finally:
+        torch.set_num_threads(before)
+    scale = math.sqrt(grad[0, 0].numel() * batch * mixtures)
+    torch.testing.assert_close(grad_alpha.double(), alpha64.grad, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(grad_cells.double(), cells64.grad, rtol=1e-5, atol=1e-5 * scale)
+    assert only_cells[0] is None and torch.equal(only_cells[1], grad_cells)
+    with pytest.raises(ValueError, match='do not fit'):
+        native.fused_kernel_grads(x, grad, alpha[:, :1], cells, kernel, stride, padding,
+                                  dilation, groups)
+    with pytest.raises(ValueError, match='grad of shape'):
+        native.fused_kernel_grads(x, grad[..., 1:], alpha, cells, kernel, stride, padding,
+                                  dilation, groups)
+    with pytest.raises(ValueError, match=r'cell_groups must be two positive ints, got \(0, 1\)'):
+        native.fused_kernel_grads(x, grad, alpha, cells, kernel, stride, padding, dilation,
+                                  (0, 1))
 
 
 def test_fused_pointwise_is_chosen_where_assembly_is_a_large_share():
@@ -668,7 +723,10 @@ def test_large_attention_gradients_fall_back_to_torch(monkeypatch):
 def test_training_with_recompute_runs_fused_with_the_same_numbers(make, input_grad,
                                                                   monkeypatch):
     """With recompute_kernels the forward keeps no kernels, so it can run fused:
-    outputs and gradients equal those of the unfused path that keeps them."""
+    outputs equal those of the unfused path that keeps them; the gradients match
+    to float32 rounding (the attentions' and cells' come from
+    native.fused_kernel_grads, summed in another order, and the input's includes
+    the attention's)."""
     used = []
     fused = native.fused_conv2d_taps
     monkeypatch.setattr(native, 'fused_conv2d_taps',
@@ -685,7 +743,9 @@ def test_training_with_recompute_runs_fused_with_the_same_numbers(make, input_gr
         assert len(used) == recompute
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
-    for fast, ref in zip(*results):
+    for i, (fast, ref) in enumerate(zip(*results)):
         assert (fast is None) == (ref is None)
-        if fast is not None:
+        if fast is not None and i == 0:
             assert torch.equal(fast, ref)
+        elif fast is not None:
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
