@@ -14,6 +14,8 @@ warehouse plan. Both follow ``.to()``, ``.half()`` and ``deepcopy``.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -137,7 +139,10 @@ class KWAttention(nn.Module):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden vector ``[B, d]`` the logits are computed from (GAP → FC → norm → ReLU)."""
         if x.dim() > 2:
-            x = x.flatten(2).mean(-1)
+            # sum, then divide the [B, C] result: the sum's backward hands the input an
+            # expanded view of the pooled gradient (mean's materialises B×C×H×W values)
+            dims = tuple(range(2, x.dim()))
+            x = x.sum(dims) / math.prod(x.shape[2:])
         return self.act1(self.norm1(self.fc1(x)))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,27 @@ def test_caf_is_finite_for_zero_logits():
     assert torch.isfinite(alpha).all() and alpha.abs().sum() == 0
 
 
+@pytest.mark.parametrize('shape', [(3, 8, 5, 7), (2, 8, 9), (2, 8, 3, 4, 5)])
+def test_attention_pools_the_spatial_mean(shape):
+    """The attention's pooling (a sum divided on the pooled [B, C] values, so its
+    backward broadcasts rather than materialises) is the spatial mean, with the
+    mean's gradient."""
+    torch.manual_seed(0)
+    layer = KWConv2d(8, 8, 1, bias=False).train()
+    x = torch.randn(*shape, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    attention = layer.attention
+    pooled = ref_x.flatten(2).mean(-1)
+    ref = attention.act1(attention.norm1(attention.fc1(pooled)))
+    out = attention.hidden(x)
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert x.grad.shape == x.shape
+
+
 def test_single_sample_trains():
     layer = KWConv2d(8, 8, 3, padding=1).train()
     before = layer.attention.norm1.running_mean.clone()
