@@ -398,12 +398,12 @@ class _KWConvNd(_KWLayer):
         the mixtures' written over ``mixed`` with ``reuse_mixed``; None where
         that does not apply."""
         geometry = self._native_backward_geometry(grad, x)
-        if geometry is None:
+        if geometry is None or not mixed.is_contiguous():
             return None
         kernels = self._kernel_blocks(mixed)
         grad_x, grad_kernels = native.conv2d_taps_backward(
-            geometry[0], kernels, grad, *geometry[1:], need_x, need_kernel,
-            kernels if reuse_mixed else None, self._cell_groups())
+            geometry[0], kernels, grad, *geometry[1:4], need_x, need_kernel,
+            kernels if reuse_mixed else None, self._cell_groups(), stride=geometry[4])
         if grad_x is not None and self._pointwise and self.stride != (1, 1):
             full = grad_x.new_zeros(x.shape)
             full[:, :, ::self.stride[0], ::self.stride[1]] = grad_x
@@ -411,19 +411,28 @@ class _KWConvNd(_KWLayer):
         return grad_x, None if grad_kernels is None else grad_kernels.view_as(mixed)
 
     def _native_backward_geometry(self, grad: torch.Tensor, x: torch.Tensor) -> Optional[tuple]:
-        """``(input, kernel_size, padding, dilation)`` of this layer as a stride-1
-        taps convolution, where its backward runs natively (1×1 layers; k×k
-        ones at stride 1 where :func:`kw_mm.native.conv2d_taps_backward_pays`);
-        else None."""
-        if grad.dtype != torch.float32:
+        """``(input, kernel_size, padding, dilation, stride)`` of this layer as a
+        taps convolution, where its backward runs natively (1×1 layers, at
+        stride 1 on the positions they read; k×k ones where
+        :func:`kw_mm.native.conv2d_taps_backward_pays`); else None."""
+        if grad.dtype != torch.float32 or not native.usable(grad, x, native.MIN_MACS):
             return None
         if self._pointwise:
-            return self._pointwise_input(x), (1, 1), (0, 0), (1, 1)
-        padding = self._explicit_padding()[0]
-        if self.stride != (1, 1) or not native.conv2d_taps_backward_pays(
-                grad.shape[2], x.shape[3] + 2 * padding[1]):
+            return self._pointwise_input(x), (1, 1), (0, 0), (1, 1), (1, 1)
+        if (self.ndim != 2 or self.groups != 1 or not self.layer_plan.partitioned
+                or self.kw_warehouse.plan.private_cells or not self.fused_grads_apply(grad, x)):
             return None
-        return x, self.kernel_size, padding, self.dilation
+        if self.stride != (1, 1) and not native.conv2d_taps_backward_pays(
+                grad.shape[2], self._grid_w(x), strided=True):
+            return None
+        return x, self.kernel_size, self._explicit_padding()[0], self.dilation, self.stride
+
+    def strided_native_backward(self, grad: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether this strided k×k layer's backward runs natively
+        (:meth:`apply_kernels_native_backward`) even after a per-sample forward:
+        on small maps, where per-sample oneDNN backward calls are slowest."""
+        return (not self._pointwise and self.stride != (1,) * self.ndim
+                and self._native_backward_geometry(grad, x) is not None)
 
     def fused_grads_apply(self, grad: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether :meth:`fused_mixture_grads` runs for this output gradient and
@@ -433,9 +442,11 @@ class _KWConvNd(_KWLayer):
             return False
         if self._pointwise:
             return True
-        padding = self._explicit_padding()[0]
-        grid_w = -(-(x.shape[3] + 2 * padding[1]) // self.stride[1])
-        return native.conv2d_taps_backward_pays(grad.shape[2], grid_w)
+        return native.conv2d_taps_backward_pays(grad.shape[2], self._grid_w(x))
+
+    def _grid_w(self, x: torch.Tensor) -> int:
+        """Columns per row of this k×k layer's taps grid (of each phase, for stride > 1)."""
+        return -(-(x.shape[3] + 2 * self._explicit_padding()[0][1]) // self.stride[1])
 
     def fused_mixture_grads(self, grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
                             cells: torch.Tensor, need_alpha: bool, need_cells: bool

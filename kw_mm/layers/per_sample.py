@@ -67,9 +67,10 @@ class PerSampleKernelConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, mixed = ctx.saved_tensors
+        native_backward = ctx.native or ctx.layer.strided_native_backward(grad_out, x)
         grad_x, grad_mixed = mixtures_backward(ctx.layer, grad_out, x, mixed,
                                                *ctx.needs_input_grad[:2], ctx.reuse_saved,
-                                               ctx.native)
+                                               native_backward)
         return grad_x, grad_mixed, None, None
 
 

@@ -323,6 +323,7 @@ class _TapsInput:
             self.phases = x.contiguous().view(batch, channels, 1, height * width)
             self.offsets = (ctypes.c_int64 * 1)(0)
             self.grid_w, self.cols = width, height * width
+            self.phase_h, self.slot, self.phase_cols = height, height * width, height * width
             return
         phase_h, phase_w = -(-padded_h // sh), -(-padded_w // sw)
         reach_w = dw * (kw - 1) // sw  # the last kernel column reads this far past a grid row
@@ -347,6 +348,8 @@ class _TapsInput:
         self.offsets = (ctypes.c_int64 * len(offsets))(*offsets)
         self.grid_w = phase_w
         self.cols = self.out_h * phase_w
+        # each phase: phase_h rows of phase_w columns (phase_cols), in a slot of its own
+        self.phase_h, self.slot, self.phase_cols = phase_h, slot, phase_h * phase_w
 
     def output(self, batch: int, channels: int) -> torch.Tensor:
         return torch.empty(batch, channels, self.cols, dtype=torch.float32)
@@ -443,35 +446,89 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
 #: keep oneDNN (4096 columns measured slower)
 TAPS_BACKWARD_MAX_COLS = 1024
 
+def _strided_input_grad(lib: ctypes.CDLL, source: _TapsInput, x: torch.Tensor,
+                        kernels: torch.Tensor, g_ext: torch.Tensor, reach: int,
+                        cell_groups: Tuple[int, int], kernel_size: Tuple[int, int],
+                        stride: Tuple[int, int], padding: Tuple[int, int],
+                        dilation: Tuple[int, int]) -> torch.Tensor:
+    """The input's gradient of a strided :func:`conv2d_taps`: for each of the
+    input's ``sh × sw`` phases, the kernel positions that read it correlate the
+    output's gradient (``g_ext``: on the output grid, ``reach`` zero columns in)
+    with their mixtures transposed; the phases' gradients are then put back in
+    place in the padded input, and the padding cropped."""
+    batch, channels, height, width = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    g_out, g_in = cell_groups
+    cell_out, cell_in = kernels.shape[2:]
+    cell = cell_out * cell_in
+    slot, cols = source.slot, source.phase_cols
+    grad_phases = torch.zeros(batch, channels, sh * sw, cols, dtype=torch.float32)
+    for phase in range(sh * sw):
+        # kernel position s reads phase (ky·dh mod sh, kx·dw mod sw) from offsets[s] − phase·slot
+        taps = [(s, o) for s in range(kh * kw)
+                if ((s // kw) * dh % sh) * sw + (s % kw) * dw % sw == phase
+                for o in range(g_out)]
+        if not taps:
+            continue
+        a_off = _offsets([((s * g_out + o) * g_in + c) * cell for c in range(g_in)
+                          for s, o in taps])
+        b_off = _offsets([reach - (source.offsets[s] - phase * slot) + o * cell_out * g_ext.stride(1)
+                          for s, o in taps])
+        out = grad_phases[:, :, phase]
+        _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, cols, cell_out, len(taps),
+                  kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off,
+                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off,
+                  out.data_ptr(), grad_phases.stride(0), cell_in * grad_phases.stride(1),
+                  grad_phases.stride(1))
+    padded = grad_phases.new_zeros(batch, channels, height + 2 * ph, width + 2 * pw)
+    grid = grad_phases.view(batch, channels, sh * sw, source.phase_h, source.grid_w)
+    for py in range(sh):
+        for px in range(sw):
+            part = padded[:, :, py::sh, px::sw]
+            part.copy_(grid[:, :, py * sw + px, :part.shape[2], :part.shape[3]])
+    return padded[:, :, ph:ph + height, pw:pw + width].contiguous()
+
+
 #: :func:`conv2d_taps_backward` computes the kernels' gradient with the native
 #: product (inner dimension: the grid's columns) for up to this many columns,
 #: with torch's batched product above (faster there on the reference CPU)
 NATIVE_KERNEL_GRAD_MAX_COLS = 256
 
 
-def conv2d_taps_backward_pays(out_h: int, grid_w: int) -> bool:
+#: the same for strided layers (their input's gradient per phase of the input): 14×14 and
+#: 7×7 outputs gained (ResNet50's 256- and 512-channel 3×3 layers, forward and backward at
+#: batch 8, 72.6 vs 76.4 ms and 95.3 vs 106.5 ms; ResNet18's 128 → 256 and 256 → 512, 28.9 vs
+#: 30.8 and 42.7 vs 46.3 ms), 28×28 lost (ResNet50's 128 channels 60.6 vs 53.1 ms)
+TAPS_BACKWARD_STRIDED_MAX_COLS = 256
+
+
+def conv2d_taps_backward_pays(out_h: int, grid_w: int, strided: bool = False) -> bool:
     """Whether :func:`conv2d_taps_backward` is expected to beat per-sample oneDNN."""
-    return out_h * grid_w <= TAPS_BACKWARD_MAX_COLS
+    return out_h * grid_w <= (TAPS_BACKWARD_STRIDED_MAX_COLS if strided
+                              else TAPS_BACKWARD_MAX_COLS)
 
 
 def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Tensor,
                          kernel_size: Tuple[int, int], padding: Tuple[int, int],
                          dilation: Tuple[int, int], need_x: bool = True,
                          need_kernels: bool = True, kernels_grad: Optional[torch.Tensor] = None,
-                         cell_groups: Tuple[int, int] = (1, 1)
+                         cell_groups: Tuple[int, int] = (1, 1), *,
+                         stride: Tuple[int, int] = (1, 1)
                          ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of a stride-1 :func:`conv2d_taps` for ``x`` and ``kernels``
-    (None where not needed), given the output's gradient ``grad [B, out, H', W']``.
+    """Gradients of :func:`conv2d_taps` for ``x`` and ``kernels`` (None where
+    not needed), given the output's gradient ``grad [B, out, H', W']``.
 
     No autograd. The input's gradient is the output's gradient, laid on the
     same padded grid, correlated with every mixture transposed in place
     (``kw_conv_taps`` reading ``kernels`` column-major), one input group at a
-    time; each mixture's gradient is one batched product ``grad (its output
-    group) @ (its input group, shifted to its kernel position)ᵀ``, written into
-    ``kernels_grad`` (contiguous float32, shaped as ``kernels``; a new tensor if
-    None; it may be ``kernels`` itself, which is read first).
+    time (for stride > 1, one phase of the input at a time, with the kernel
+    positions that read it, then scattered back); each mixture's gradient is
+    one batched product ``grad (its output group) @ (its input group, shifted
+    to its kernel position)ᵀ``, written into ``kernels_grad`` (contiguous
+    float32, shaped as ``kernels``; a new tensor if None; it may be
+    ``kernels`` itself, which is read first).
     """
-    lib, source = _taps_setup('conv2d_taps_backward', x, kernel_size, (1, 1), padding,
+    lib, source = _taps_setup('conv2d_taps_backward', x, kernel_size, stride, padding,
                               dilation, kernels=kernels, grad=grad)
     g_out, g_in = _check_taps_kernels('conv2d_taps_backward', kernels, x, kernel_size,
                                       cell_groups, contiguous=True)
@@ -488,12 +545,16 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
         g_ext = grad.contiguous().view(batch, out_channels, cols)
     else:  # the output's gradient on the grid (zero in the junk columns), `reach` columns in
         g_ext = grad.new_zeros(batch, out_channels,
-                               max(first + height * grid_w + reach, reach + cols))
+                               max(first + height * grid_w + reach, reach + cols,
+                                   reach + source.phase_cols))
         g_ext[:, :, reach:reach + cols].view(batch, out_channels, source.out_h,
                                              grid_w)[..., :source.out_w] = grad
     g_grid = g_ext[:, :, reach:reach + cols]
     grad_x = None
-    if need_x:
+    if need_x and tuple(stride) != (1, 1):
+        grad_x = _strided_input_grad(lib, source, x, kernels, g_ext, reach, cell_groups,
+                                     kernel_size, stride, padding, dilation)
+    elif need_x:
         # input grid position p = first + j gathers grad at p − offset[t]
         taps = [(s, o) for s in range(positions) for o in range(g_out)]
         a_off = _offsets([((s * g_out + o) * g_in + c) * cell for c in range(g_in)

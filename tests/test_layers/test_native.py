@@ -236,37 +236,40 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
 @needs_native
 @pytest.mark.parametrize('kernel_grad_max_cols', [0, 1 << 30])  # torch's product / native
 @pytest.mark.parametrize('threads', [1, 2])
-@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation,groups', [
-    (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1), (1, 1)),
-    (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1)),    # rows of 8, tails in both products
-    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2), (1, 1)),      # dilated, padded in width only
-    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1), (1, 1)),
-    (2, 4, 6, (5, 6), (3, 3), (3, 1), (1, 1), (1, 1)),      # more padding than the kernel reaches
-    (2, 6, 9, (5, 5), (1, 1), (0, 0), (1, 1), (1, 1)),
-    (3, 12, 20, (7, 6), (1, 1), (0, 0), (1, 1), (4, 3)),    # cell groups, 1×1
-    (2, 8, 18, (6, 7), (3, 3), (1, 1), (1, 1), (3, 2)),     # cell groups, 3×3
+@pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation,groups,stride', [
+    (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),
+    (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),  # rows of 8, tails everywhere
+    (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2), (1, 1), (1, 1)),    # dilated, padded in width only
+    (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1), (1, 1), (1, 1)),
+    (2, 4, 6, (5, 6), (3, 3), (3, 1), (1, 1), (1, 1), (1, 1)),    # more padding than reached
+    (2, 6, 9, (5, 5), (1, 1), (0, 0), (1, 1), (1, 1), (1, 1)),
+    (3, 12, 20, (7, 6), (1, 1), (0, 0), (1, 1), (4, 3), (1, 1)),  # cell groups, 1×1
+    (2, 8, 18, (6, 7), (3, 3), (1, 1), (1, 1), (3, 2), (1, 1)),   # cell groups, 3×3
+    (2, 16, 20, (14, 13), (3, 3), (1, 1), (1, 1), (1, 1), (2, 2)),  # strided: the phases
+    (2, 8, 12, (9, 11), (3, 3), (2, 1), (2, 1), (2, 2), (2, 3)),
+    (1, 4, 6, (8, 8), (2, 2), (0, 0), (1, 1), (1, 1), (3, 3)),    # phases no position reads
 ])
 def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, padding,
-                                              dilation, groups, threads, kernel_grad_max_cols,
-                                              monkeypatch):
+                                              dilation, groups, stride, threads,
+                                              kernel_grad_max_cols, monkeypatch):
     monkeypatch.setattr(native, 'NATIVE_KERNEL_GRAD_MAX_COLS', kernel_grad_max_cols)
     torch.manual_seed(0)
     mixtures = kernel[0] * kernel[1] * groups[0] * groups[1]
     x = torch.randn(batch, in_c, *size)
     kernels = torch.randn(batch, mixtures, out_c // groups[0], in_c // groups[1])
     x64, k64 = x.double().requires_grad_(), kernels.double().requires_grad_()
-    ref = per_sample_conv64(x64, k64, kernel, (1, 1), padding, dilation, groups)
+    ref = per_sample_conv64(x64, k64, kernel, stride, padding, dilation, groups)
     grad = torch.randn(ref.shape)
     ref.backward(grad.double())
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         grad_x, grad_k = native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation,
-                                                     cell_groups=groups)
+                                                     cell_groups=groups, stride=stride)
         reused = kernels.clone()
         only_k = native.conv2d_taps_backward(x, reused, grad, kernel, padding, dilation,
                                              need_x=False, kernels_grad=reused,
-                                             cell_groups=groups)
+                                             cell_groups=groups, stride=stride)
     finally:
         torch.set_num_threads(before)
     scale = math.sqrt(max(in_c, out_c) * kernel[0] * kernel[1] * size[0] * size[1])
@@ -275,10 +278,11 @@ def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, 
     assert only_k[0] is None and only_k[1] is reused and torch.equal(reused, grad_k)
     with pytest.raises(ValueError, match='grad of shape'):
         native.conv2d_taps_backward(x, kernels, grad[..., 1:], kernel, padding, dilation,
-                                    cell_groups=groups)
+                                    cell_groups=groups, stride=stride)
     with pytest.raises(ValueError, match='kernels_grad must be a contiguous float32'):
         native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation,
-                                    kernels_grad=kernels.transpose(2, 3), cell_groups=groups)
+                                    kernels_grad=kernels.transpose(2, 3), cell_groups=groups,
+                                    stride=stride)
 
 
 @needs_native
@@ -329,6 +333,33 @@ def test_layers_take_the_native_backward_on_small_maps(make, input_grad, recompu
         assert (fast is None) == (ref is None)
         if fast is not None:
             torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize('recompute', [False, True])
+@pytest.mark.parametrize('size', [7, 28])  # the forward native (one column tile), or per sample
+def test_strided_layers_take_the_native_backward_on_small_maps(size, recompute, monkeypatch):
+    """A strided 3×3 layer's backward runs natively on the input's phases on
+    small maps, whichever way its forward ran, with the per-sample backward's
+    numbers (which it replaces)."""
+    used = []
+    backward = native.conv2d_taps_backward
+    monkeypatch.setattr(native, 'conv2d_taps_backward',
+                        lambda *a, **k: used.append(k.get('stride')) or backward(*a, **k))
+    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    results = []
+    for max_cols in (native.TAPS_BACKWARD_MAX_COLS, 0):  # native, then per-sample oneDNN
+        monkeypatch.setattr(native, 'TAPS_BACKWARD_MAX_COLS', max_cols)
+        torch.manual_seed(0)
+        layer = KWConv2d(16, 24, 3, stride=2, padding=1, recompute_kernels=recompute).train()
+        set_temperature(layer, 0.3)
+        x = torch.randn(3, 16, size, size, requires_grad=True)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert used == [(2, 2)]  # by the first pass only
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
 def per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups):
@@ -580,8 +611,8 @@ def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monk
     make, shape = LAYERS[name]
     calls = []
     for kernel in ('gemm_nn', 'gemm_nn_batched', 'conv2d_taps', 'conv2d_taps_backward'):
-        monkeypatch.setattr(native, kernel, lambda *a, f=getattr(native, kernel), k=kernel:
-                            calls.append(k) or f(*a))
+        monkeypatch.setattr(native, kernel, lambda *a, f=getattr(native, kernel), k=kernel,
+                            **options: calls.append(k) or f(*a, **options))
     results = []
     for min_macs in (float('inf'), 0):  # torch.matmul, then the C kernels
         monkeypatch.setattr(native, 'MIN_MACS', min_macs)
