@@ -15,7 +15,6 @@ warehouse plan. Both follow ``.to()``, ``.half()`` and ``deepcopy``.
 from __future__ import annotations
 
 import math
-
 from typing import Optional
 
 import torch

@@ -393,8 +393,8 @@ class _KWConvNd(_KWLayer):
                                       ) -> Optional[Tuple[Optional[torch.Tensor],
                                                           Optional[torch.Tensor]]]:
         """Gradients of :meth:`apply_kernels_native` for ``x`` and ``mixed`` through
-        :func:`kw_mm.native.conv2d_taps_backward` (1×1 layers; k×k ones at
-        stride 1 on small maps: see :func:`kw_mm.native.conv2d_taps_backward_pays`),
+        :func:`kw_mm.native.conv2d_taps_backward` (1×1 layers; k×k ones on
+        small maps, strided ones too: see :meth:`_native_backward_geometry`),
         the mixtures' written over ``mixed`` with ``reuse_mixed``; None where
         that does not apply."""
         geometry = self._native_backward_geometry(grad, x)
