@@ -128,30 +128,27 @@ class FusedKernelConv(torch.autograd.Function):
         x, alpha, cells = ctx.saved_tensors
         need_x, need_alpha, need_cells = ctx.needs_input_grad[:3]
         layer = ctx.layer
-        if layer.fused_grads_apply(grad_out, x):
-            # the native backward applies: the input's gradient from rebuilt
-            # mixtures, the attentions' and cells' without storing the mixtures'
-            grad_x = None
-            if need_x:
-                with torch.no_grad():
-                    mixed = layer.mix_cells(alpha)
-                grad_x = mixtures_backward(layer, grad_out, x, mixed, True, False, True, True)[0]
-                del mixed
+        # where the native backward applies, the attentions' and cells' gradients
+        # come without storing the mixtures' (the rebuilt mixtures serve x's only)
+        fused = layer.fused_grads_apply(grad_out, x)
+        need_mixed = not fused and (need_alpha or need_cells)
+        grad_x = grad_mixed = None
+        if need_x or need_mixed:
+            with torch.no_grad():
+                mixed = layer.mix_cells(alpha)
+            grad_x, grad_mixed = mixtures_backward(layer, grad_out, x, mixed, need_x,
+                                                   need_mixed, True, True)
+            del mixed
+        if fused:
             grad_alpha, grad_cells = layer.fused_mixture_grads(grad_out, x, alpha, cells,
                                                                need_alpha, need_cells)
             return grad_x, grad_alpha, grad_cells, None
-        batch, mixtures = alpha.shape[:2]
-        with torch.no_grad():
-            mixed = layer.mix_cells(alpha)
-        flat_alpha = alpha.reshape(batch * mixtures, -1).contiguous()
-        need_mixed = need_alpha or need_cells
-        grad_x, grad_mixed = mixtures_backward(layer, grad_out, x, mixed, need_x,
-                                               need_mixed, True, True)
         grad_alpha = grad_cells = None
         if need_mixed:
+            batch, mixtures = alpha.shape[:2]
             grad_alpha, grad_cells = native.small_k_grads(
-                flat_alpha, cells, grad_mixed.view(batch * mixtures, -1), need_alpha,
-                need_cells)
+                alpha.reshape(batch * mixtures, -1).contiguous(), cells,
+                grad_mixed.view(batch * mixtures, -1), need_alpha, need_cells)
             if grad_alpha is not None:
                 grad_alpha = grad_alpha.view_as(alpha)
         return grad_x, grad_alpha, grad_cells, None

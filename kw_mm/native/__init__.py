@@ -624,6 +624,21 @@ def fused_pointwise_pays(cells: int, positions: int) -> bool:
     return positions <= FUSED_POINTWISE_POSITIONS_PER_CELL * cells
 
 
+def _fused_layout(name: str, channels: int, kernel_size: Tuple[int, int],
+                  cell_groups: Tuple[int, int]) -> Tuple[int, int, int, int, ctypes.Array]:
+    """``(G_out, G_in, mixtures, cell_in, mix)`` of a fused taps product:
+    ``mix[o·taps + t]`` is the mixture of output group ``o`` for tap
+    ``t = (s, c)`` (kernel position, input group), as ``kw_fused_taps`` and
+    ``kw_fused_kernel_grad`` read it. Raises for bad ``cell_groups``."""
+    g_out, g_in = cell_groups
+    if g_out < 1 or g_in < 1:
+        raise ValueError(f'{name}: cell_groups must be two positive ints, got {cell_groups}')
+    positions = kernel_size[0] * kernel_size[1]
+    mix = _offsets([(s * g_out + o) * g_in + c for o in range(g_out) for s in range(positions)
+                    for c in range(g_in)])
+    return g_out, g_in, positions * g_out * g_in, channels // g_in, mix
+
+
 def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
                       kernel_size: Tuple[int, int], stride: Tuple[int, int],
                       padding: Tuple[int, int], dilation: Tuple[int, int],
@@ -649,12 +664,8 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
                               alpha=alpha, cells=cells)
     batch, channels = x.shape[:2]
     positions = kernel_size[0] * kernel_size[1]
-    g_out, g_in = cell_groups
-    if g_out < 1 or g_in < 1:
-        raise ValueError(f'fused_conv2d_taps: cell_groups must be two positive ints, got '
-                         f'{cell_groups}')
-    mixtures = positions * g_out * g_in
-    cell_in = channels // g_in
+    g_out, g_in, mixtures, cell_in, mix = _fused_layout('fused_conv2d_taps', channels,
+                                                        kernel_size, cell_groups)
     own = cells.dim() == 3
     if (alpha.dim() != 3 or alpha.shape[:2] != (batch, mixtures) or cells.dim() not in (2, 3)
             or (own and cells.shape[0] != mixtures)
@@ -669,10 +680,8 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
     cells = cells.contiguous() if own else _rows(cells)
     phases = source.phases
     ldb = phases.stride(1)
-    b_off = (ctypes.c_int64 * taps)(*[source.offsets[s] + c * cell_in * ldb
-                                       for s in range(positions) for c in range(g_in)])
-    mix = (ctypes.c_int64 * mixtures)(*[(s * g_out + o) * g_in + c for o in range(g_out)
-                                         for s in range(positions) for c in range(g_in)])
+    b_off = _offsets([source.offsets[s] + c * cell_in * ldb for s in range(positions)
+                      for c in range(g_in)])
     out = source.output(batch, g_out * cell_out)
     failed = lib.kw_fused_taps(
         batch, cell_out, source.cols, cell_in, taps, g_out, cells.shape[-2],
@@ -706,12 +715,8 @@ def fused_kernel_grads(x: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor,
                               alpha=alpha, cells=cells, grad=grad)
     batch, channels = x.shape[:2]
     positions = kernel_size[0] * kernel_size[1]
-    g_out, g_in = cell_groups
-    if g_out < 1 or g_in < 1:
-        raise ValueError(f'fused_kernel_grads: cell_groups must be two positive ints, got '
-                         f'{cell_groups}')
-    mixtures = positions * g_out * g_in
-    cell_in = channels // g_in
+    g_out, g_in, mixtures, cell_in, mix = _fused_layout('fused_kernel_grads', channels,
+                                                        kernel_size, cell_groups)
     if (alpha.dim() != 3 or alpha.shape[:2] != (batch, mixtures)
             or cells.dim() != 2 or cells.shape[0] != alpha.shape[2] or channels % g_in
             or cells.shape[1] % cell_in):
@@ -722,11 +727,11 @@ def fused_kernel_grads(x: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor,
     if tuple(grad.shape) != (batch, g_out * cell_out, source.out_h, source.out_w):
         raise ValueError(f'fused_kernel_grads: grad of shape {tuple(grad.shape)} does not fit '
                          f'the output {(batch, g_out * cell_out, source.out_h, source.out_w)}')
+    if not (need_alpha or need_cells):
+        return None, None
     ncells = cells.shape[0]
     grad_alpha = torch.empty(batch * mixtures, ncells) if need_alpha else None
     grad_cells = torch.empty(ncells, cells.shape[1]) if need_cells else None
-    if not (need_alpha or need_cells):
-        return None, None
     g_grid = _grad_on_grid(grad, source)
     # the input's grid (its phases, for stride > 1) transposed: grid position q of
     # tap (s, c) reads row offsets[s] + q
@@ -734,8 +739,6 @@ def fused_kernel_grads(x: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor,
     taps = positions * g_in
     x_off = _offsets([source.offsets[s] * channels + c * cell_in for s in range(positions)
                       for c in range(g_in)])
-    mix = _offsets([(s * g_out + o) * g_in + c for o in range(g_out) for s in range(positions)
-                    for c in range(g_in)])
     alpha = alpha.reshape(batch * mixtures, -1).contiguous()
     cells = _rows(cells)
     failed = lib.kw_fused_kernel_grad(

@@ -1,4 +1,5 @@
 """kw_mm.native: the C kernels for the assembly products, their build and their fallbacks."""
+import contextlib
 import math
 import os
 import warnings
@@ -15,6 +16,17 @@ needs_native = pytest.mark.skipif(not native.available(),
 
 def float64_product(a, b):
     return (a.double() @ b.double())
+
+
+@contextlib.contextmanager
+def num_threads(threads):
+    """torch's thread count set to ``threads`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_native
@@ -52,13 +64,9 @@ def test_gemm_nn_batched_matches_float64(s, m, k, n, threads):
     # outputs too narrow for one tile per thread (rows split between threads)
     torch.manual_seed(0)
     a, b = torch.randn(s, m, k), torch.randn(s, k, n)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = native.gemm_nn_batched(a, b)
         out_t = native.gemm_nn_batched(a.transpose(1, 2).contiguous().transpose(1, 2), b)
-    finally:
-        torch.set_num_threads(before)
     for result in (out, out_t):  # row-major A, and A read through its transpose in place
         torch.testing.assert_close(result.double(), a.double() @ b.double(), rtol=1e-5,
                                    atol=1e-5 * math.sqrt(k))
@@ -158,12 +166,8 @@ def test_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, p
     x = torch.randn(batch, in_c, *size)
     kernels = torch.randn(batch, kernel[0] * kernel[1] * groups[0] * groups[1],
                           out_c // groups[0], in_c // groups[1])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = native.conv2d_taps(x, kernels, kernel, stride, padding, dilation, groups)
-    finally:
-        torch.set_num_threads(before)
     ref = per_sample_conv64(x, kernels, kernel, stride, padding, dilation, groups)
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5,
@@ -261,17 +265,13 @@ def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, 
     ref = per_sample_conv64(x64, k64, kernel, stride, padding, dilation, groups)
     grad = torch.randn(ref.shape)
     ref.backward(grad.double())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         grad_x, grad_k = native.conv2d_taps_backward(x, kernels, grad, kernel, padding, dilation,
                                                      cell_groups=groups, stride=stride)
         reused = kernels.clone()
         only_k = native.conv2d_taps_backward(x, reused, grad, kernel, padding, dilation,
                                              need_x=False, kernels_grad=reused,
                                              cell_groups=groups, stride=stride)
-    finally:
-        torch.set_num_threads(before)
     scale = math.sqrt(max(in_c, out_c) * kernel[0] * kernel[1] * size[0] * size[1])
     torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(grad_k.double(), k64.grad, rtol=1e-5, atol=1e-5 * scale)
@@ -389,12 +389,8 @@ def test_fused_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, str
     x = torch.randn(batch, in_c, *size)
     alpha = torch.randn(batch, mixtures, n)
     cells = torch.randn(n, out_c // groups[0] * in_c // groups[1])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = native.fused_conv2d_taps(x, alpha, cells, kernel, stride, padding, (1, 1), groups)
-    finally:
-        torch.set_num_threads(before)
     kernels = per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups)
     ref = torch.cat([torch.nn.functional.conv2d(x[b:b + 1].double(), kernels[b], None, stride,
                                                 padding) for b in range(batch)])
@@ -434,15 +430,11 @@ def test_fused_kernel_grads_match_float64(batch, in_c, out_c, size, kernel, stri
                                                 padding, dilation) for b in range(batch)])
     grad = torch.randn(ref.shape)
     ref.backward(grad.double())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         grad_alpha, grad_cells = native.fused_kernel_grads(x, grad, alpha, cells, kernel, stride,
                                                            padding, dilation, groups)
         only_cells = native.fused_kernel_grads(x, grad, alpha, cells, kernel, stride, padding,
                                                dilation, groups, need_alpha=False)
-    finally:
-        torch.set_num_threads(before)
     scale = math.sqrt(grad[0, 0].numel() * batch * mixtures)
     torch.testing.assert_close(grad_alpha.double(), alpha64.grad, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(grad_cells.double(), cells64.grad, rtol=1e-5, atol=1e-5 * scale)
@@ -564,12 +556,8 @@ def test_private_cells_and_one_sample_under_functorch(monkeypatch):
 def test_gemm_nt_matches_float64(m, p, d, threads):
     torch.manual_seed(0)
     g, e = torch.randn(m, d), torch.randn(p, d)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = native.gemm_nt(g, e)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(out.double(), float64_product(g, e.t()), rtol=1e-5,
                                atol=1e-5 * math.sqrt(d))
 
