@@ -27,6 +27,26 @@
 
 int kw_gemm_available(void) { return 1; }
 
+/* The calling thread's number in the enclosing OpenMP team, and the team's size
+ * (0 and 1 without OpenMP). */
+static inline int thread_id(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int thread_count(void)
+{
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 static inline __mmask16 lane_mask(int64_t remaining)
 {
     if (remaining >= 16) return (__mmask16)0xFFFF;
@@ -285,11 +305,7 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
     int64_t strips = (M + SR - 1) / SR;
     #pragma omp parallel num_threads(nthreads)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        float *W = work + per_thread * tid;
+        float *W = work + per_thread * thread_id();
         #pragma omp for schedule(static)
         for (int64_t s = 0; s < strips; ++s) {
             int64_t r0 = s * SR, rows = M - r0 < SR ? M - r0 : SR, used = rows * K;
@@ -381,11 +397,7 @@ int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
     int64_t vectors = (D + 15) / 16;
     #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
+        int t = thread_id(), T = thread_count();
         /* each thread sums its own stretch of D, in L2-sized chunks */
         int64_t lo = vectors * t / T * 16, hi = vectors * (t + 1) / T * 16;
         if (hi > D) hi = D;
@@ -450,11 +462,7 @@ int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t
     int64_t strips = (M + SR - 1) / SR;
     #pragma omp parallel num_threads(nthreads)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        float *D = work + per_thread * tid;
+        float *D = work + per_thread * thread_id();
         float *vec = D + buffer;
         #pragma omp for schedule(static)
         for (int64_t s = 0; s < strips; ++s) {
