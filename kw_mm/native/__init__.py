@@ -23,6 +23,7 @@ warns once. ``KW_MM_NATIVE=0`` turns the kernels off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -117,10 +118,10 @@ def _open(path: Path) -> ctypes.CDLL:
                                        ptr, i64, i64, ctypes.c_int]
     lib.kw_conv_taps.restype = ctypes.c_int
     lib.kw_conv_taps.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
-                                 i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
+                                 i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.kw_fused_taps.restype = ctypes.c_int
     lib.kw_fused_taps.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                  ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+                                  ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.kw_gemm_nt.restype = ctypes.c_int
     lib.kw_fused_kernel_grad.restype = ctypes.c_int
     lib.kw_fused_kernel_grad.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
@@ -293,16 +294,50 @@ def conv2d_output_size(size: Sequence[int], kernel_size: Tuple[int, int],
                  for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation))
 
 
+@functools.lru_cache(maxsize=64)
+def _shift_masks(height: int, width: int, kernel_size: Tuple[int, int],
+                 padding: Tuple[int, int], dilation: Tuple[int, int],
+                 groups: int, sign: int) -> ctypes.Array:
+    """``kw_conv_taps``' lane masks of a stride-1, size-keeping convolution
+    on the unpadded image: bit ``l`` of entry ``u·taps + t`` says whether
+    position ``16·u + l`` of the ``height × width`` output, shifted by
+    ``sign`` times the shift of the kernel position of tap ``t = (s, g)``
+    (``groups`` taps per position), lies inside the image (else it reads zero
+    padding). The forward reads ``x`` at ``+shift``, the input's gradient
+    reads the output's gradient at ``−shift``."""
+    (kh, kw), (ph, pw), (dh, dw) = kernel_size, padding, dilation
+    vectors = -(-height * width // 16)
+    q = torch.arange(vectors * 16)
+    row, col = q // width, q % width
+    lanes = torch.arange(16)
+    masks = []
+    for ky in range(kh):
+        for kx in range(kw):
+            r, c = row + sign * (ky * dh - ph), col + sign * (kx * dw - pw)
+            inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)  # past the end: C's tail mask
+            masks.append((inside.view(vectors, 16).long() << lanes).sum(1))
+    table = torch.stack(masks, 1).repeat_interleave(groups, dim=1)
+    return (ctypes.c_uint16 * table.numel())(*table.flatten().tolist())
+
+
+UNPADDED_TAPS = True
+
+
 class _TapsInput:
     """The input of a per-sample 2-d convolution laid out for ``kw_conv_taps``:
     zero-padded once and, for stride ``s > 1``, split into its ``s × s`` phases
     (sub-images), so every kernel position reads one contiguous stretch of one
     of them (``offsets``); the output comes out over whole grid rows
-    (``grid_w`` columns each), the columns past ``out_w`` to be dropped."""
+    (``grid_w`` columns each), the columns past ``out_w`` to be dropped.
+
+    With ``unpadded`` a stride-1 convolution that keeps the input's size reads
+    the input as it is: ``offsets`` are the kernel positions' shifts and
+    :meth:`masks` (see :func:`_shift_masks`) zero what falls outside the image,
+    so there is no padded copy and no column to drop."""
 
     def __init__(self, name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
                  stride: Tuple[int, int], padding: Tuple[int, int],
-                 dilation: Tuple[int, int]) -> None:
+                 dilation: Tuple[int, int], unpadded: bool = False) -> None:
         if x.dim() != 4:
             raise ValueError(f'{name}: x must be [B, C, H, W], got shape {tuple(x.shape)}')
         if x.dtype != torch.float32 or x.device.type != 'cpu':
@@ -319,6 +354,16 @@ class _TapsInput:
         if self.out_h < 1 or self.out_w < 1:
             raise ValueError(f'{name}: input {tuple(x.shape)} padded by {padding} is smaller '
                              f'than kernel_size={kernel_size} at dilation={dilation}')
+        self._shifts: Optional[tuple] = None
+        if unpadded and (sh, sw) == (1, 1) and (self.out_h, self.out_w) == (height, width) \
+                and (ph, pw) != (0, 0):
+            self.phases = x.contiguous().view(batch, channels, 1, height * width)
+            self.offsets = _offsets([(ky * dh - ph) * width + kx * dw - pw
+                                     for ky in range(kh) for kx in range(kw)])
+            self._shifts = (height, width, kernel_size, padding, dilation)
+            self.grid_w, self.cols = width, height * width
+            self.phase_h, self.slot, self.phase_cols = height, height * width, height * width
+            return
         if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):  # the input as it is
             self.phases = x.contiguous().view(batch, channels, 1, height * width)
             self.offsets = (ctypes.c_int64 * 1)(0)
@@ -351,6 +396,15 @@ class _TapsInput:
         # each phase: phase_h rows of phase_w columns (phase_cols), in a slot of its own
         self.phase_h, self.slot, self.phase_cols = phase_h, slot, phase_h * phase_w
 
+    @property
+    def unpadded(self) -> bool:
+        return self._shifts is not None
+
+    def masks(self, groups: int, sign: int = 1) -> Optional[ctypes.Array]:
+        """The lane masks of the unpadded layout for taps of ``groups`` channel
+        groups per kernel position (:func:`_shift_masks`); None for a padded grid."""
+        return None if self._shifts is None else _shift_masks(*self._shifts, groups, sign)
+
     def output(self, batch: int, channels: int) -> torch.Tensor:
         return torch.empty(batch, channels, self.cols, dtype=torch.float32)
 
@@ -360,7 +414,8 @@ class _TapsInput:
 
 def _taps_setup(name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
                 stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
-                **operands: torch.Tensor) -> Tuple[ctypes.CDLL, _TapsInput]:
+                unpadded: bool = False, **operands: torch.Tensor
+                ) -> Tuple[ctypes.CDLL, _TapsInput]:
     """The library and the laid-out input of a taps convolution; checks ``operands``."""
     lib = _library()
     if lib is None:
@@ -369,7 +424,7 @@ def _taps_setup(name: str, x: torch.Tensor, kernel_size: Tuple[int, int],
         if t.dtype != torch.float32 or t.device.type != 'cpu':
             raise ValueError(f'{name}: {label} must be float32 on CPU, got {t.dtype} '
                              f'on {t.device}')
-    return lib, _TapsInput(name, x, kernel_size, stride, padding, dilation)
+    return lib, _TapsInput(name, x, kernel_size, stride, padding, dilation, unpadded)
 
 
 def _check_taps_kernels(name: str, kernels: torch.Tensor, x: torch.Tensor,
@@ -418,7 +473,7 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
     where they are: no reordered copy of the kernels.
     """
     lib, source = _taps_setup('conv2d_taps', x, kernel_size, stride, padding, dilation,
-                              kernels=kernels)
+                              unpadded=UNPADDED_TAPS, kernels=kernels)
     g_out, g_in = _check_taps_kernels('conv2d_taps', kernels, x, kernel_size, cell_groups)
     kernels = kernels.contiguous()
     batch, positions = x.shape[0], kernel_size[0] * kernel_size[1]
@@ -432,7 +487,7 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
     out = source.output(batch, g_out * cell_out)
     _run_taps(lib, 'conv2d_taps', batch, g_out, cell_out, source.cols, cell_in, len(taps),
               kernels.data_ptr(), kernels.stride(0), cell_in, 1, a_off, phases.data_ptr(),
-              phases.stride(0), ldb, b_off, out.data_ptr(), out.stride(0),
+              phases.stride(0), ldb, b_off, source.masks(g_in), out.data_ptr(), out.stride(0),
               cell_out * out.stride(1), out.stride(1))
     return source.crop(out)
 
@@ -445,6 +500,29 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
 #: ResNet50 with recompute 2.708 vs 2.795 s and 2.681 vs 2.690 s); larger maps
 #: keep oneDNN (4096 columns measured slower)
 TAPS_BACKWARD_MAX_COLS = 1024
+
+def _unpadded_input_grad(lib: ctypes.CDLL, source: _TapsInput, kernels: torch.Tensor,
+                         grad: torch.Tensor, cell_groups: Tuple[int, int]) -> torch.Tensor:
+    """The input's gradient of a stride-1, size-keeping :func:`conv2d_taps` on
+    the unpadded layout: input position ``p`` gathers the output's gradient,
+    as it is, at ``p − shift[s]`` through every mixture transposed, the masks
+    zeroing the positions outside the image."""
+    g_out, g_in = cell_groups
+    batch, out_channels = grad.shape[:2]
+    cell_out, cell_in = kernels.shape[2:]
+    cell, cols = cell_out * cell_in, source.cols
+    g = grad.contiguous().view(batch, out_channels, cols)
+    taps = [(s, o) for s in range(len(source.offsets)) for o in range(g_out)]
+    a_off = _offsets([((s * g_out + o) * g_in + c) * cell for c in range(g_in)
+                      for s, o in taps])
+    b_off = _offsets([o * cell_out * cols - source.offsets[s] for s, o in taps])
+    grad_x = torch.empty(batch, g_in * cell_in, cols, dtype=torch.float32)
+    _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, cols, cell_out, len(taps),
+              kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off, g.data_ptr(),
+              g.stride(0), cols, b_off, source.masks(g_out, -1), grad_x.data_ptr(),
+              grad_x.stride(0), cell_in * cols, cols)
+    return grad_x.view(batch, -1, source.out_h, source.out_w)
+
 
 def _strided_input_grad(lib: ctypes.CDLL, source: _TapsInput, x: torch.Tensor,
                         kernels: torch.Tensor, g_ext: torch.Tensor, reach: int,
@@ -477,7 +555,7 @@ def _strided_input_grad(lib: ctypes.CDLL, source: _TapsInput, x: torch.Tensor,
         out = grad_phases[:, :, phase]
         _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, cols, cell_out, len(taps),
                   kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off,
-                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off,
+                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off, None,
                   out.data_ptr(), grad_phases.stride(0), cell_in * grad_phases.stride(1),
                   grad_phases.stride(1))
     padded = grad_phases.new_zeros(batch, channels, height + 2 * ph, width + 2 * pw)
@@ -519,7 +597,9 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     not needed), given the output's gradient ``grad [B, out, H', W']``.
 
     No autograd. The input's gradient is the output's gradient, laid on the
-    same padded grid, correlated with every mixture transposed in place
+    same padded grid (as it is where the layer keeps the map's size at stride
+    1: the unpadded layout of :class:`_TapsInput`, with masks), correlated with
+    every mixture transposed in place
     (``kw_conv_taps`` reading ``kernels`` column-major), one input group at a
     time (for stride > 1, one phase of the input at a time, with the kernel
     positions that read it, then scattered back); each mixture's gradient is
@@ -529,7 +609,8 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     ``kernels`` itself, which is read first).
     """
     lib, source = _taps_setup('conv2d_taps_backward', x, kernel_size, stride, padding,
-                              dilation, kernels=kernels, grad=grad)
+                              dilation, unpadded=UNPADDED_TAPS and need_x, kernels=kernels,
+                              grad=grad)
     g_out, g_in = _check_taps_kernels('conv2d_taps_backward', kernels, x, kernel_size,
                                       cell_groups, contiguous=True)
     batch, channels, height, width = x.shape
@@ -539,6 +620,12 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     if tuple(grad.shape) != (batch, out_channels, source.out_h, source.out_w):
         raise ValueError(f'conv2d_taps_backward: grad of shape {tuple(grad.shape)} does not '
                          f'fit the output {(batch, out_channels, source.out_h, source.out_w)}')
+    grad_x = None
+    if source.unpadded:  # need_x
+        grad_x = _unpadded_input_grad(lib, source, kernels, grad, (g_out, g_in))
+        if not need_kernels:
+            return grad_x, None
+        source = _TapsInput('conv2d_taps_backward', x, kernel_size, stride, padding, dilation)
     grid_w, cols, offsets = source.grid_w, source.cols, list(source.offsets)
     reach, first = max(offsets), padding[0] * grid_w  # grid index of the input's first row
     if grid_w == source.out_w and reach == 0:  # 1×1, no padding: the gradient as it is
@@ -550,7 +637,7 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
         g_ext[:, :, reach:reach + cols].view(batch, out_channels, source.out_h,
                                              grid_w)[..., :source.out_w] = grad
     g_grid = g_ext[:, :, reach:reach + cols]
-    grad_x = None
+    need_x = need_x and grad_x is None  # not yet computed on the unpadded layout
     if need_x and tuple(stride) != (1, 1):
         grad_x = _strided_input_grad(lib, source, x, kernels, g_ext, reach, cell_groups,
                                      kernel_size, stride, padding, dilation)
@@ -564,7 +651,7 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
         grad_grid = torch.empty(batch, channels, height * grid_w, dtype=torch.float32)
         _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, height * grid_w, cell_out,
                   len(taps), kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off,
-                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off,
+                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off, None,
                   grad_grid.data_ptr(), grad_grid.stride(0), cell_in * grad_grid.stride(1),
                   grad_grid.stride(1))
         grad_x = grad_grid.view(batch, channels, height, grid_w)
@@ -661,7 +748,7 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
     (B × the layer's parameters) are neither written to memory nor read back.
     """
     lib, source = _taps_setup('fused_conv2d_taps', x, kernel_size, stride, padding, dilation,
-                              alpha=alpha, cells=cells)
+                              unpadded=UNPADDED_TAPS, alpha=alpha, cells=cells)
     batch, channels = x.shape[:2]
     positions = kernel_size[0] * kernel_size[1]
     g_out, g_in, mixtures, cell_in, mix = _fused_layout('fused_conv2d_taps', channels,
@@ -687,7 +774,8 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
         batch, cell_out, source.cols, cell_in, taps, g_out, cells.shape[-2],
         alpha.data_ptr(), alpha.stride(0), cells.data_ptr(), cells.stride(-2),
         cells.stride(0) if own else 0, phases.data_ptr(),
-        phases.stride(0), ldb, b_off, mix, out.data_ptr(), out.stride(0), out.stride(1),
+        phases.stride(0), ldb, b_off, source.masks(g_in), mix, out.data_ptr(), out.stride(0),
+        out.stride(1),
         torch.get_num_threads())
     if failed:
         raise MemoryError('kw_fused_taps: could not allocate its per-thread buffers')

@@ -62,9 +62,15 @@ static inline __mmask16 lane_mask(int64_t remaining)
 typedef struct {
     int64_t count;
     const int64_t *b_off, *a_off;
+    /* NULL, or which lanes of each 16-column vector u of C read each tap:
+     * bit l of masks[u·count + t] (the others read zero). An image without
+     * padding columns (see kw_conv_taps) masks the positions a shift takes
+     * past its borders. */
+    const uint16_t *masks;
 } taps_t;
 
 static const int64_t no_offset[1] = {0};
+#define ONE_TAP {1, no_offset, no_offset, NULL}
 
 #define TRANSPOSED_PREFETCH 32
 
@@ -76,7 +82,7 @@ static const int64_t no_offset[1] = {0};
 static inline __attribute__((always_inline)) void
 nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
          const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb, float *C,
-         int64_t ldc, int stream, const taps_t *taps)
+         int64_t ldc, int stream, const taps_t *taps, const uint16_t *tile_masks)
 {
     const float *a[8];
     __mmask16 m[4];
@@ -88,6 +94,9 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
         const float *At = A + taps->a_off[t];
         for (int r = 0; r < R; ++r) a[r] = At + (r < rows ? r : rows - 1) * ars;
         const float *Bt = B + taps->b_off[t];
+        __mmask16 mt[4];
+        for (int v = 0; v < V; ++v)
+            mt[v] = tile_masks ? m[v] & tile_masks[v * taps->count + t] : m[v];
         for (int64_t k = 0; k < K; ++k) {
             /* A read transposed steps aks floats per k (a kernel's rows, 2 KB and
              * more): a new page every few steps, where hardware prefetchers stop.
@@ -97,7 +106,7 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
                 _mm_prefetch((const char *)(a[0] + (k + TRANSPOSED_PREFETCH) * aks), _MM_HINT_T0);
             const float *b = Bt + k * ldb;
             __m512 bv[4];
-            for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
+            for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(mt[v], b + 16 * v);
             for (int r = 0; r < R; ++r) {
                 __m512 s = _mm512_set1_ps(a[r][k * aks]);
                 for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(s, bv[v], acc[r][v]);
@@ -124,14 +133,16 @@ nn_block(const int R, const int V, int64_t rows, int64_t cols, int64_t K,
  * runs with fewer vectors. The literal shapes keep the accumulators in
  * registers; a row-major A (aks = 1) gets its own specialisation. */
 #define NN_BLOCK(R, V) \
-    (aks == 1 ? nn_block(R, V, rows, cols, K, a, ars, 1, b, ldb, c, ldc, stream, taps) \
-              : nn_block(R, V, rows, cols, K, a, ars, aks, b, ldb, c, ldc, stream, taps))
+    (aks == 1 ? nn_block(R, V, rows, cols, K, a, ars, 1, b, ldb, c, ldc, stream, taps, tm) \
+              : nn_block(R, V, rows, cols, K, a, ars, aks, b, ldb, c, ldc, stream, taps, tm))
 static inline void nn_strip(int tall, int64_t i0, int64_t i1, int64_t j, int64_t cols, int64_t K,
                             const float *A, int64_t ars, int64_t aks, const float *B, int64_t ldb,
                             float *C, int64_t ldc, int stream, const taps_t *taps)
 {
     const int64_t R = tall ? 8 : 6;
     int vectors = (int)((cols + 15) / 16);
+    /* j is a multiple of 16: tiles are 48 or 64 columns wide */
+    const uint16_t *tm = taps->masks ? taps->masks + j / 16 * taps->count : NULL;
     if (taps->count == 1 && K <= PREFETCH_MAX_K && ldb >= PREFETCH_MIN_LDB) {
         /* a few long rows of B (the cells): each tile's panel is K short stretches
          * far apart, more streams than the hardware prefetcher follows. Ask for
@@ -224,7 +235,7 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
                         const float *B, int64_t sb, int64_t ldb,
                         float *C, int64_t sc, int64_t ldc, int nthreads)
 {
-    taps_t one = {1, no_offset, no_offset};
+    taps_t one = ONE_TAP;
     nn_run(batch, 1, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, 0, ldc, &one, nthreads);
 }
 
@@ -246,17 +257,24 @@ void kw_gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
  * by side in each row of B and points each kernel position into its phase.
  * ars = K, aks = 1 reads the kernel as it is; ars = 1, aks = M reads each
  * block transposed (the input's gradient: a correlation of the output's
- * gradient with the transposed kernel positions). Returns 0, or -1 if its
- * table of taps could not be allocated (C untouched). */
+ * gradient with the transposed kernel positions). With masks (see taps_t),
+ * B_b is the image itself, unpadded, and the output has its size (a stride-1
+ * convolution that keeps the size, e.g. 3 × 3 with padding 1): b_off[t] is
+ * then the shift of kernel position t (negative for the positions above and
+ * left of centre), and the masks zero the lanes whose shifted position falls
+ * outside the image, so there are no padding columns to compute and no
+ * padded copy of the input. Returns 0, or -1 if its table of taps could not
+ * be allocated (C untouched). */
 int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t taps,
                  const float *A, int64_t sa, int64_t ars, int64_t aks, const int64_t *a_off,
                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                 float *C, int64_t sc, int64_t gc, int64_t ldc, int nthreads)
+                 const uint16_t *masks, float *C, int64_t sc, int64_t gc, int64_t ldc,
+                 int nthreads)
 {
     taps_t *kernel = malloc((size_t)(groups > 0 ? groups : 1) * sizeof(taps_t));
     if (!kernel) return -1;
     for (int64_t g = 0; g < groups; ++g) {
-        taps_t one = {taps, b_off, a_off + g * taps};
+        taps_t one = {taps, b_off, a_off + g * taps, masks};
         kernel[g] = one;
     }
     nn_run(batch, groups, M, N, K, A, sa, ars, aks, B, sb, ldb, C, sc, gc, ldc, kernel, nthreads);
@@ -277,13 +295,14 @@ int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K,
  * For each strip of FUSED_STRIP rows of the cells, that strip of every mixture
  * of every sample is assembled into a per-thread buffer (one pass over that
  * strip of E for all of them) and used at once by kw_conv_taps' sum of
- * products for those rows of every output group. Returns 0, or -1 if the
- * buffers could not be allocated (C untouched). */
+ * products for those rows of every output group (masks: as kw_conv_taps').
+ * Returns 0, or -1 if the buffers could not be allocated (C untouched). */
 #define FUSED_STRIP 8
 int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
                   int64_t e_mix, const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads)
+                  const uint16_t *masks, const int64_t *mix, float *C, int64_t sc, int64_t ldc,
+                  int nthreads)
 {
     if (nthreads < 1) nthreads = 1;
     const int64_t SR = FUSED_STRIP, m = gout * taps, rows_a = batch * m, cols_a = SR * K;
@@ -296,7 +315,7 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
         return -1;
     }
     for (int64_t i = 0; i < m; ++i) a_off[i] = mix[i] * cols_a;
-    taps_t one = {1, no_offset, no_offset};
+    taps_t one = ONE_TAP;
     /* shared cells: one product [batch·m, ncells] × [ncells, strip]; own cells:
      * one [batch, ncells] × [ncells, strip] per mixture (rows m apart in W) */
     int64_t rows_p = e_mix ? batch : rows_a, mixes = e_mix ? m : 1;
@@ -317,7 +336,7 @@ int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, 
                              cols_a * (mixes > 1 ? m : 1), 0, &one);
             for (int64_t b = 0; b < batch; ++b)
                 for (int64_t o = 0; o < gout; ++o) {
-                    taps_t kernel = {taps, b_off, a_off + o * taps};
+                    taps_t kernel = {taps, b_off, a_off + o * taps, masks};
                     for (int64_t j = 0; j < N; j += width_c)
                         nn_strip(tall_c, 0, rows, j, N - j < width_c ? N - j : width_c, K,
                                  W + b * m * cols_a, K, 1, B + b * sb, ldb,
@@ -456,7 +475,7 @@ int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t
     if (partial)
         for (int t = 0; t < nthreads; ++t) memset(work + per_thread * t + buffer, 0,
                                                  partial * sizeof(float));
-    taps_t one = {1, no_offset, no_offset};
+    taps_t one = ONE_TAP;
     int tall_d = tall_tiles(SR, K), tall_c = tall_tiles(ncells, cols_d);
     int64_t width_d = tall_d ? 48 : 64, width_c = tall_c ? 48 : 64;
     int64_t strips = (M + SR - 1) / SR;
@@ -513,13 +532,15 @@ void kw_gemm_nn_batched(int64_t batch, int64_t M, int64_t N, int64_t K,
 int kw_conv_taps(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t taps,
                  const float *A, int64_t sa, int64_t ars, int64_t aks, const int64_t *a_off,
                  const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                 float *C, int64_t sc, int64_t gc, int64_t ldc, int nthreads) { abort(); }
+                 const uint16_t *masks, float *C, int64_t sc, int64_t gc, int64_t ldc,
+                 int nthreads) { abort(); }
 int kw_gemm_nt(int64_t M, int64_t P, int64_t D, const float *G, int64_t ldg,
                const float *E, int64_t lde, float *C, int64_t ldc, int nthreads) { abort(); }
 int kw_fused_taps(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps, int64_t gout,
                   int64_t ncells, const float *alpha, int64_t lda, const float *E, int64_t lde,
                   int64_t e_mix, const float *B, int64_t sb, int64_t ldb, const int64_t *b_off,
-                  const int64_t *mix, float *C, int64_t sc, int64_t ldc, int nthreads) { abort(); }
+                  const uint16_t *masks, const int64_t *mix, float *C, int64_t sc, int64_t ldc,
+                  int nthreads) { abort(); }
 
 int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t taps,
                          int64_t gout, int64_t ncells, const float *alpha, int64_t lda,

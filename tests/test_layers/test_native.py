@@ -150,6 +150,7 @@ def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation, cell_g
 
 
 @needs_native
+@pytest.mark.parametrize('unpadded', [True, False])  # size-keeping layers: the two layouts
 @pytest.mark.parametrize('threads', [1, 2])
 @pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,dilation,groups', [
     (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),
@@ -159,9 +160,16 @@ def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation, cell_g
     (2, 3, 70, (5, 6), (3, 3), (1, 1), (0, 0), (2, 2), (1, 1)),      # output 1 × 2
     (2, 12, 10, (6, 7), (1, 1), (1, 1), (0, 0), (1, 1), (2, 3)),     # cell groups, 1×1
     (3, 8, 18, (9, 9), (3, 3), (2, 2), (1, 1), (1, 1), (3, 2)),      # cell groups, strided 3×3
+    # size-keeping at stride 1: several column tiles and a tail, dilation, a 5 × 3
+    # kernel, kernels larger than the map, cell groups
+    (2, 9, 20, (13, 17), (3, 3), (1, 1), (2, 2), (2, 2), (1, 1)),
+    (2, 6, 10, (8, 7), (5, 3), (1, 1), (2, 1), (1, 1), (1, 1)),
+    (2, 4, 8, (1, 3), (5, 5), (1, 1), (2, 2), (1, 1), (1, 1)),
+    (2, 8, 18, (10, 9), (3, 3), (1, 1), (1, 1), (1, 1), (3, 2)),
 ])
 def test_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
-                                     dilation, groups, threads):
+                                     dilation, groups, threads, unpadded, monkeypatch):
+    monkeypatch.setattr(native, 'UNPADDED_TAPS', unpadded)
     torch.manual_seed(0)
     x = torch.randn(batch, in_c, *size)
     kernels = torch.randn(batch, kernel[0] * kernel[1] * groups[0] * groups[1],
@@ -193,6 +201,21 @@ def test_conv2d_taps_rejects_what_does_not_fit():
         native.conv2d_taps(x, torch.randn(2, 9, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1), (0, 1))
     with pytest.raises(ValueError, match=r'cell_groups \(1, 2\)'):  # 2 input groups of 4
         native.conv2d_taps(x, torch.randn(2, 18, 3, 4), (3, 3), (1, 1), (1, 1), (1, 1), (1, 2))
+
+
+def test_size_keeping_layers_read_the_input_unpadded():
+    x = torch.randn(2, 3, 6, 7)
+    same = native._TapsInput('t', x, (3, 3), (1, 1), (1, 1), (1, 1), unpadded=True)
+    assert same.unpadded and same.phases.data_ptr() == x.data_ptr()  # no padded copy
+    assert (same.cols, same.grid_w, list(same.offsets)) == (42, 7, [-8, -7, -6, -1, 0, 1, 6, 7, 8])
+    for geometry in [((3, 3), (2, 2), (1, 1), (1, 1)),   # strided: the phases
+                     ((3, 3), (1, 1), (0, 0), (1, 1)),   # shrinks the map
+                     ((3, 3), (1, 1), (1, 1), (2, 2))]:  # dilated past what the padding keeps
+        assert not native._TapsInput('t', x, *geometry, unpadded=True).unpadded
+    assert not native._TapsInput('t', x, (3, 3), (1, 1), (1, 1), (1, 1)).unpadded
+    # bit l of entry u·taps + t: position 16·u + l shifted to tap t is inside the 6 × 7 map
+    top_left, centre = same.masks(1)[0], same.masks(1)[4]
+    assert centre == 0xFFFF and top_left == 0xFFFF & ~0x7F & ~(1 << 7) & ~(1 << 14)
 
 
 def test_conv2d_taps_is_chosen_for_small_maps_only():
@@ -238,10 +261,14 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
 
 
 @needs_native
+@pytest.mark.parametrize('unpadded', [True, False])
 @pytest.mark.parametrize('kernel_grad_max_cols', [0, 1 << 30])  # torch's product / native
 @pytest.mark.parametrize('threads', [1, 2])
 @pytest.mark.parametrize('batch,in_c,out_c,size,kernel,padding,dilation,groups,stride', [
     (2, 5, 7, (6, 7), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),
+    (2, 9, 20, (13, 17), (3, 3), (2, 2), (2, 2), (1, 1), (1, 1)),  # size-keeping, dilated
+    (2, 6, 10, (8, 7), (5, 3), (2, 1), (1, 1), (1, 1), (1, 1)),
+    (2, 4, 8, (1, 3), (5, 5), (2, 2), (1, 1), (1, 1), (1, 1)),    # kernel larger than the map
     (3, 16, 20, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1)),  # rows of 8, tails everywhere
     (2, 8, 4, (9, 6), (1, 3), (0, 1), (1, 2), (1, 1), (1, 1)),    # dilated, padded in width only
     (1, 4, 6, (5, 6), (3, 3), (2, 0), (2, 1), (1, 1), (1, 1)),
@@ -255,8 +282,9 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
 ])
 def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, padding,
                                               dilation, groups, stride, threads,
-                                              kernel_grad_max_cols, monkeypatch):
+                                              kernel_grad_max_cols, unpadded, monkeypatch):
     monkeypatch.setattr(native, 'NATIVE_KERNEL_GRAD_MAX_COLS', kernel_grad_max_cols)
+    monkeypatch.setattr(native, 'UNPADDED_TAPS', unpadded)
     torch.manual_seed(0)
     mixtures = kernel[0] * kernel[1] * groups[0] * groups[1]
     x = torch.randn(batch, in_c, *size)
@@ -373,9 +401,11 @@ def per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups):
 
 
 @needs_native
+@pytest.mark.parametrize('unpadded', [True, False])
 @pytest.mark.parametrize('threads', [1, 2])
 @pytest.mark.parametrize('batch,in_c,out_c,size,kernel,stride,padding,groups', [
     (3, 5, 7, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1)),  # out_c not a multiple of the strip of 8
+    (2, 12, 16, (10, 9), (3, 3), (1, 1), (1, 1), (2, 3)),  # size-keeping, cell groups
     (2, 16, 20, (7, 7), (3, 3), (2, 2), (1, 1), (1, 1)),
     (1, 8, 16, (6, 5), (1, 3), (1, 1), (0, 1), (1, 1)),
     (3, 12, 20, (5, 6), (1, 1), (1, 1), (0, 0), (2, 3)),  # 1×1 in cells of 10 × 4 channels
@@ -383,7 +413,8 @@ def per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups):
     (2, 12, 16, (7, 8), (3, 3), (2, 2), (1, 1), (2, 3)),
 ])
 def test_fused_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
-                                           groups, threads):
+                                           groups, threads, unpadded, monkeypatch):
+    monkeypatch.setattr(native, 'UNPADDED_TAPS', unpadded)
     torch.manual_seed(0)
     mixtures, n = kernel[0] * kernel[1] * groups[0] * groups[1], 11
     x = torch.randn(batch, in_c, *size)
