@@ -74,6 +74,9 @@ static const int64_t no_offset[1] = {0};
 
 #define TRANSPOSED_PREFETCH 32
 
+/* bytes of output past which stores bypass the cache */
+#define L3_SHARE (16.0 * 1024 * 1024)
+
 /* C rows [i, i+rows) × columns [j, j+cols) with rows ≤ R, cols ≤ 16·V, the
  * R × V accumulators in registers (R and V are constants once inlined: at
  * most 8 × 3 or 6 × 4, 24 accumulators). A[r, k] is at A + r·ars + k·aks
@@ -202,7 +205,7 @@ static void nn_run(int64_t batch, int64_t groups, int64_t M, int64_t N, int64_t 
 {
     if (nthreads < 1) nthreads = 1;
     /* an output larger than a typical L3 share is not read back soon enough to keep */
-    int stream = (double)groups * M * (double)N * 4.0 > 16.0 * 1024 * 1024;
+    int stream = (double)groups * M * (double)N * 4.0 > L3_SHARE;
     int tall = tall_tiles(M, N);
     const int64_t R = tall ? 8 : 6, width = tall ? 48 : 64;
     int64_t tiles = (N + width - 1) / width, strips = (M + R - 1) / R;
@@ -476,6 +479,9 @@ int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t
         for (int t = 0; t < nthreads; ++t) memset(work + per_thread * t + buffer, 0,
                                                  partial * sizeof(float));
     taps_t one = ONE_TAP;
+    /* a warehouse's gradient larger than a typical L3 share is written past the
+     * cache (no read for ownership): autograd reads it back only to add it up */
+    int stream = grad_cells && (double)ncells * M * K * 4.0 > L3_SHARE;
     int tall_d = tall_tiles(SR, K), tall_c = tall_tiles(ncells, cols_d);
     int64_t width_d = tall_d ? 48 : 64, width_c = tall_c ? 48 : 64;
     int64_t strips = (M + SR - 1) / SR;
@@ -499,13 +505,14 @@ int kw_fused_kernel_grad(int64_t batch, int64_t M, int64_t N, int64_t K, int64_t
             if (grad_cells)  /* αᵀ · D for this strip: rows of grad_cells owned by this thread */
                 for (int64_t j = 0; j < used; j += width_c)
                     nn_strip(tall_c, 0, ncells, j, used - j < width_c ? used - j : width_c,
-                             rows_d, alpha, 1, lda, D, cols_d, grad_cells + r0 * K, ldgc, 0,
+                             rows_d, alpha, 1, lda, D, cols_d, grad_cells + r0 * K, ldgc, stream,
                              &one);
             if (grad_alpha)  /* D · Eᵀ over this strip, in L2-sized chunks */
                 for (int64_t d0 = 0; d0 < used; d0 += GRAD_CHUNK)
                     nt_chunk(rows_d, ncells, P_pad, d0, d0 + GRAD_CHUNK < used ? d0 + GRAD_CHUNK : used,
                              D, cols_d, E + r0 * K, lde, vec);
         }
+        if (stream) _mm_sfence();
     }
     if (grad_alpha)
         for (int64_t i = 0; i < rows_d; ++i)
