@@ -223,7 +223,8 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
     assert native.conv2d_taps_pays(kernel, 7, 7, (1, 1))            # ResNet50 last stage, 224²
     assert native.conv2d_taps_pays(kernel, 7, 7, (2, 2))            # its strided first block
     assert not native.conv2d_taps_pays(kernel, 25, 38, (1, 1))      # the same at 800 × 1216
-    assert not native.conv2d_taps_pays(9 * 128 * 128, 28, 28, (2, 2))
+    assert native.conv2d_taps_pays(9 * 256 * 256, 14, 14, (2, 2))      # its stage-3 one
+    assert not native.conv2d_taps_pays(9 * 128 * 128, 28, 28, (2, 2))  # and stage 2's
 
 
 @needs_native
