@@ -323,7 +323,8 @@ def _shift_masks(height: int, width: int, kernel_size: Tuple[int, int],
     for ky in range(kh):
         for kx in range(kw):
             r, c = row + sign * (ky * dh - ph), col + sign * (kx * dw - pw)
-            inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)  # past the end: C's tail mask
+            # (positions past the end: kw_conv_taps' own tail mask)
+            inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
             masks.append((inside.view(vectors, 16).long() << lanes).sum(1))
     table = torch.stack(masks, 1).repeat_interleave(groups, dim=1)
     return (ctypes.c_uint16 * table.numel())(*table.flatten().tolist())
@@ -369,18 +370,14 @@ class _TapsInput:
             raise ValueError(f'{name}: input {tuple(x.shape)} padded by {padding} is smaller '
                              f'than kernel_size={kernel_size} at dilation={dilation}')
         self._shifts: Optional[tuple] = None
-        if unpadded and (sh, sw) == (1, 1) and (self.out_h, self.out_w) == (height, width) \
-                and (ph, pw) != (0, 0):
+        padded = (ph, pw) != (0, 0)  # at stride 1 without padding, keeping the size is 1×1
+        if (sh, sw) == (1, 1) and (self.out_h, self.out_w) == (height, width) \
+                and (unpadded or not padded):  # the input as it is
             self.phases = x.contiguous().view(batch, channels, 1, height * width)
             self.offsets = _offsets([(ky * dh - ph) * width + kx * dw - pw
                                      for ky in range(kh) for kx in range(kw)])
-            self._shifts = (height, width, kernel_size, padding, dilation)
-            self.grid_w, self.cols = width, height * width
-            self.phase_h, self.slot, self.phase_cols = height, height * width, height * width
-            return
-        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):  # the input as it is
-            self.phases = x.contiguous().view(batch, channels, 1, height * width)
-            self.offsets = (ctypes.c_int64 * 1)(0)
+            if padded:
+                self._shifts = (height, width, kernel_size, padding, dilation)
             self.grid_w, self.cols = width, height * width
             self.phase_h, self.slot, self.phase_cols = height, height * width, height * width
             return
@@ -515,27 +512,27 @@ def conv2d_taps(x: torch.Tensor, kernels: torch.Tensor, kernel_size: Tuple[int, 
 #: keep oneDNN (4096 columns measured slower)
 TAPS_BACKWARD_MAX_COLS = 1024
 
-def _unpadded_input_grad(lib: ctypes.CDLL, source: _TapsInput, kernels: torch.Tensor,
-                         grad: torch.Tensor, cell_groups: Tuple[int, int]) -> torch.Tensor:
-    """The input's gradient of a stride-1, size-keeping :func:`conv2d_taps` on
-    the unpadded layout: input position ``p`` gathers the output's gradient,
-    as it is, at ``p − shift[s]`` through every mixture transposed, the masks
-    zeroing the positions outside the image."""
+def _stride1_input_grad(lib: ctypes.CDLL, kernels: torch.Tensor, g: torch.Tensor,
+                        first: int, offsets: Sequence[int], cols: int,
+                        cell_groups: Tuple[int, int],
+                        masks: Optional[ctypes.Array]) -> torch.Tensor:
+    """The input's gradient ``[B, in, cols]`` of a stride-1 :func:`conv2d_taps`:
+    input position ``j`` gathers the output's gradient ``g [B, out, ·]`` at
+    ``first + j − offsets[s]`` through every mixture transposed (``masks``: the
+    unpadded layout's, of the negated shifts; None on the padded grid)."""
     g_out, g_in = cell_groups
-    batch, out_channels = grad.shape[:2]
     cell_out, cell_in = kernels.shape[2:]
-    cell, cols = cell_out * cell_in, source.cols
-    g = grad.contiguous().view(batch, out_channels, cols)
-    taps = [(s, o) for s in range(len(source.offsets)) for o in range(g_out)]
+    cell = cell_out * cell_in
+    taps = [(s, o) for s in range(len(offsets)) for o in range(g_out)]
     a_off = _offsets([((s * g_out + o) * g_in + c) * cell for c in range(g_in)
                       for s, o in taps])
-    b_off = _offsets([o * cell_out * cols - source.offsets[s] for s, o in taps])
-    grad_x = torch.empty(batch, g_in * cell_in, cols, dtype=torch.float32)
-    _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, cols, cell_out, len(taps),
-              kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off, g.data_ptr(),
-              g.stride(0), cols, b_off, source.masks(g_out, -1), grad_x.data_ptr(),
+    b_off = _offsets([first - offsets[s] + o * cell_out * g.stride(1) for s, o in taps])
+    grad_x = torch.empty(g.shape[0], g_in * cell_in, cols, dtype=torch.float32)
+    _run_taps(lib, 'conv2d_taps_backward', g.shape[0], g_in, cell_in, cols, cell_out,
+              len(taps), kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off,
+              g.data_ptr(), g.stride(0), g.stride(1), b_off, masks, grad_x.data_ptr(),
               grad_x.stride(0), cell_in * cols, cols)
-    return grad_x.view(batch, -1, source.out_h, source.out_w)
+    return grad_x
 
 
 def _strided_input_grad(lib: ctypes.CDLL, source: _TapsInput, x: torch.Tensor,
@@ -630,13 +627,16 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     batch, channels, height, width = x.shape
     positions = kernel_size[0] * kernel_size[1]
     cell_out, cell_in = kernels.shape[2:]
-    cell, out_channels = cell_out * cell_in, g_out * cell_out
+    out_channels = g_out * cell_out
     if tuple(grad.shape) != (batch, out_channels, source.out_h, source.out_w):
         raise ValueError(f'conv2d_taps_backward: grad of shape {tuple(grad.shape)} does not '
                          f'fit the output {(batch, out_channels, source.out_h, source.out_w)}')
     grad_x = None
-    if source.unpadded:  # need_x
-        grad_x = _unpadded_input_grad(lib, source, kernels, grad, (g_out, g_in))
+    if source.unpadded:  # need_x: the output's gradient as it is
+        grad_x = _stride1_input_grad(
+            lib, kernels, grad.contiguous().view(batch, out_channels, source.cols), 0,
+            source.offsets, source.cols, (g_out, g_in), source.masks(g_out, -1)
+        ).view(batch, channels, height, width)
         if not need_kernels:
             return grad_x, None
         source = _TapsInput('conv2d_taps_backward', x, kernel_size, stride, padding, dilation)
@@ -655,20 +655,10 @@ def conv2d_taps_backward(x: torch.Tensor, kernels: torch.Tensor, grad: torch.Ten
     if need_x and tuple(stride) != (1, 1):
         grad_x = _strided_input_grad(lib, source, x, kernels, g_ext, reach, cell_groups,
                                      kernel_size, stride, padding, dilation)
-    elif need_x:
-        # input grid position p = first + j gathers grad at p − offset[t]
-        taps = [(s, o) for s in range(positions) for o in range(g_out)]
-        a_off = _offsets([((s * g_out + o) * g_in + c) * cell for c in range(g_in)
-                          for s, o in taps])
-        b_off = _offsets([first + reach - offsets[s] + o * cell_out * g_ext.stride(1)
-                          for s, o in taps])
-        grad_grid = torch.empty(batch, channels, height * grid_w, dtype=torch.float32)
-        _run_taps(lib, 'conv2d_taps_backward', batch, g_in, cell_in, height * grid_w, cell_out,
-                  len(taps), kernels.data_ptr(), kernels.stride(0), 1, cell_in, a_off,
-                  g_ext.data_ptr(), g_ext.stride(0), g_ext.stride(1), b_off, None,
-                  grad_grid.data_ptr(), grad_grid.stride(0), cell_in * grad_grid.stride(1),
-                  grad_grid.stride(1))
-        grad_x = grad_grid.view(batch, channels, height, grid_w)
+    elif need_x:  # input grid position p = first + j, the gradient `reach` columns in
+        grad_x = _stride1_input_grad(lib, kernels, g_ext, first + reach, offsets,
+                                     height * grid_w, (g_out, g_in), None
+                                     ).view(batch, channels, height, grid_w)
         if grid_w != width:
             grad_x = grad_x[..., padding[1]:padding[1] + width].contiguous()
     if not need_kernels:
