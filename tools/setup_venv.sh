@@ -9,6 +9,24 @@ PY=${PYTHON:-python3}
 if [[ -f $STAMP ]]; then
   exit 0
 fi
+# The install peaks at about 7.5 GB (the registry's torch brings ~4 GB of CUDA
+# libraries, unpacked from temporary downloads): say so before starting rather
+# than stopping half-way with "No space left on device".
+NEED_GB=${KW_MM_SETUP_NEED_GB:-9}
+if ! [[ $NEED_GB =~ ^[0-9]+$ ]]; then
+  echo "[setup_venv] KW_MM_SETUP_NEED_GB must be a whole number of GB, got '$NEED_GB'" >&2
+  exit 2
+fi
+for dir in . "${TMPDIR:-/tmp}"; do
+  free_kb=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
+  if [[ -n $free_kb ]] && (( free_kb < NEED_GB * 1024 * 1024 )); then
+    echo "[setup_venv] not enough disk space to set up $VENV: $(( free_kb / 1024 )) MB free" \
+      "on the filesystem of '$dir', about $NEED_GB GB needed (torch with its CUDA libraries," \
+      "mmcv's build and the OpenMMLab packages). Free some space, point TMPDIR elsewhere for" \
+      "the downloads, or set KW_MM_SETUP_NEED_GB to lower this check." >&2
+    exit 2
+  fi
+done
 echo "[setup_venv] creating $VENV (first run only; building mmcv's ops takes ~15 min on 2 cores)"
 if [[ ! -x $VENV/bin/python ]]; then
   "$PY" -m venv "$VENV"
