@@ -4,8 +4,9 @@ import os.path as osp
 import subprocess
 import sys
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(REPO, 'tools', 'benchmark.py')
+from kw_mm.convert import REPO_ROOT
+
+TOOL = osp.join(REPO_ROOT, 'tools', 'benchmark.py')
 
 
 def test_suite_pairs_each_measured_and_tabled(tmp_path):
@@ -14,7 +15,7 @@ def test_suite_pairs_each_measured_and_tabled(tmp_path):
         [sys.executable, TOOL, '--suite', 'resnet18,mobilenet_v2', '--inputs', 'cls',
          '--reps', '1', '--warmup', '0', '--cls-batch', '1', '--no-memory',
          '--json', str(out), '--markdown', str(table)],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())['rows']
     assert [(r['pair'], r['mode']) for r in rows] == [
