@@ -22,7 +22,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['kw_mm', 'kw_mm.*']),
     # compiled on first use by kw_mm.native (needs a C compiler; optional)
-    package_data={'kw_mm.native': ['kw_gemm.c']},
+    package_data={'kw_mm.native': ['kw_kernels.c']},
     python_requires='>=3.8',
     # The OpenMMLab stack is not pinned here so that `pip install -e .` does not
     # touch an environment that already has it; requirements/ lists the tested

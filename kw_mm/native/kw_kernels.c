@@ -1,19 +1,27 @@
-/* Small-K float32 matrix products for KernelWarehouse kernel assembly (CPU).
+/* Float32 CPU kernels for KernelWarehouse layers (AVX-512F, OpenMP).
  *
  * A KW layer's kernel assembly is a product with a short inner dimension
  * (the warehouse's n cells, or B·m mixtures in the cell gradient) and a very
  * long outer one (a cell's numel: 262,144 in ResNet50's last stage), which
- * general-purpose BLAS kernels tile poorly. The shapes here:
+ * general-purpose BLAS kernels tile poorly; its per-sample convolutions are
+ * sums of such products over kernel positions. One register-tiled product
+ * (nn_block) runs them all. The entry points, in the order of this file:
  *
- *   kw_gemm_nn: C[M,N] = A[M,K] · B[K,N]      (mixtures, cell gradient)
- *   kw_gemm_nn_batched: the same for a batch of independent products
- *                       (a 1×1 KW convolution: each sample's kernel times
- *                       its input; A may be read transposed)
- *   kw_gemm_nt: C[M,P] = G[M,D] · E[P,D]^T    (attention gradient)
+ *   kw_gemm_available    1 where this file was compiled with AVX-512F, else 0
+ *   kw_gemm_nn           C[M,N] = A[M,K] · B[K,N]     (mixtures, cell gradient)
+ *   kw_gemm_nn_batched   the same for a batch of independent products
+ *                        (a 1×1 KW convolution; A may be read transposed)
+ *   kw_conv_taps         each sample's 2-d convolution with its own kernel,
+ *                        as a sum of products over kernel positions ("taps")
+ *   kw_fused_taps        kw_conv_taps of kernels assembled strip by strip from
+ *                        the attentions and cells, never stored whole
+ *   kw_gemm_nt           C[M,P] = G[M,D] · E[P,D]^T   (attention gradient)
+ *   kw_fused_kernel_grad the attentions' and cells' gradients of kw_fused_taps
  *
  * All matrices are row-major with unit column stride and a leading dimension.
- * Built by kw_mm/native/__init__.py with -march=native; without AVX-512F
- * kw_gemm_available() returns 0 and kw_mm keeps torch's matmul.
+ * Built by kw_mm/native/library.py with -march=native; the ctypes signatures
+ * are in kw_mm/native/bindings.py. Without AVX-512F kw_gemm_available()
+ * returns 0 and kw_mm keeps torch's products.
  */
 #include <stdint.h>
 #include <stdlib.h>
