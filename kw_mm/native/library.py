@@ -107,12 +107,24 @@ def build(folder: Optional[Path] = None) -> Path:
     key = hashlib.sha256(b''.join(source.read_bytes() for source in SOURCES)
                          + ' '.join(command).encode() + _cpu_flags().encode()).hexdigest()[:16]
     target = folder / f'kw_kernels-{key}.so'
-    if target.exists():
-        problem = _problem(target)
+    problem = _problem(target) if target.exists() else None
+    if target.exists() and problem is None:
+        return target
+    try:
+        _compile(cc, command, folder, target)
+    except RuntimeError as err:
         if problem is None:
-            return target
-        warnings.warn(f'kw_mm: the cached native kernel library {target} is not used because '
-                      f'{problem}; building it again', RuntimeWarning, stacklevel=2)
+            raise
+        raise RuntimeError(f'{err}\n(the cached {target} was not used because {problem})'
+                           ) from err
+    if problem is not None:
+        warnings.warn(f'kw_mm: the cached native kernel library {target} was not used because '
+                      f'{problem}; it has been rebuilt', RuntimeWarning, stacklevel=2)
+    return target
+
+
+def _compile(cc: str, command: Tuple[str, ...], folder: Path, target: Path) -> None:
+    """Compile :data:`SOURCES` into ``target``, then write its checksum file."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.kw_kernels-', suffix='.so', dir=folder)
     os.close(fd)
@@ -133,7 +145,6 @@ def build(folder: Optional[Path] = None) -> Path:
             os.unlink(tmp)
     # written last: a library without it (a killed copy) is rebuilt, never loaded
     _write_atomically(folder, checksum_path(target), (digest + '\n').encode(), 0o644)
-    return target
 
 
 def _open(path: Path) -> ctypes.CDLL:

@@ -711,11 +711,14 @@ def test_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.delenv('CC', raising=False)
     first = native.build(tmp_path)
     assert native.build(tmp_path) == first  # cached: not rebuilt
-    assert sorted(os.listdir(tmp_path)) == [first.name]  # no temporary left behind
+    checksums = [native.checksum_path(first).name]
+    assert sorted(os.listdir(tmp_path)) == [first.name] + checksums  # no temporary left behind
     assert first.stat().st_mode & 0o055 == 0o055  # readable by all: the cache may be shared
     monkeypatch.setattr(native, '_cpu_flags', lambda: 'flags: another cpu')
     second = native.build(tmp_path)  # another CPU: built again beside the first
-    assert second != first and sorted(os.listdir(tmp_path)) == sorted([first.name, second.name])
+    checksums.append(native.checksum_path(second).name)
+    assert second != first and sorted(os.listdir(tmp_path)) == sorted([first.name, second.name]
+                                                                      + checksums)
 
 
 @needs_native
