@@ -30,16 +30,13 @@ import sys
 import types
 
 from . import bindings, fused, gemm, library, taps, tuning
-from .bindings import SIGNATURES, _offsets, bind
-from .fused import _fused_layout, fused_conv2d_taps, fused_kernel_grads
-from .gemm import (BatchedMatmul, SmallKMatmul, _batch_rows, _check, _grad_of_b,
-                   _NativeProduct, _product, _rows, bmm, gemm_nn, gemm_nn_batched, gemm_nt,
-                   matmul, small_k_grads)
-from .library import (FLAGS, SOURCES, _cpu_flags, _forward_ad_active, _library, _load,
-                      _open, _state, available, build, cache_dir, checksum_path, status, usable)
-from .taps import (_check_taps_kernels, _grad_on_grid, _run_taps, _shift_masks,
-                   _stride1_input_grad, _strided_input_grad, _taps_setup, _TapsInput,
-                   conv2d_output_size, conv2d_taps, conv2d_taps_backward)
+from .bindings import SIGNATURES, bind
+from .fused import fused_conv2d_taps, fused_kernel_grads
+from .gemm import (BatchedMatmul, SmallKMatmul, bmm, gemm_nn, gemm_nn_batched, gemm_nt, matmul,
+                   small_k_grads)
+from .library import (FLAGS, SOURCES, _cpu_flags, available, build, cache_dir, checksum_path,
+                      status, usable)
+from .taps import _TapsInput, conv2d_output_size, conv2d_taps, conv2d_taps_backward
 from .tuning import (conv2d_taps_backward_pays, conv2d_taps_pays, fused_pointwise_pays,
                      nt_workspace_fits)
 
@@ -59,6 +56,7 @@ for _module in (tuning, bindings, library, gemm, taps, fused):
                 and not isinstance(_value, types.ModuleType)
                 and getattr(_value, '__module__', _module.__name__) == _module.__name__):
             _HOMES.setdefault(_name, _module)
+
 
 class _Package(types.ModuleType):
     """The type of this module: an assignment to a re-exported name also sets
