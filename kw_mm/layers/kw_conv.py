@@ -319,12 +319,16 @@ class KWLinear(_KWLayer):
         return conv_geometry(self.layer_plan, self.kw_warehouse.plan, self.in_features,
                              self.out_features, (1,), (1,), (0,), (1,), 1)
 
+    @staticmethod
+    def _tokens(x: torch.Tensor) -> torch.Tensor:
+        """``x [B, *, in]`` as ``[B, tokens, in]`` (also for B = 0)."""
+        return x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f'KWLinear expects input [..., {self.in_features}], got shape '
                              f'{tuple(x.shape)}')
-        batch = x.shape[0]
-        tokens = x.reshape(batch, -1, self.in_features)
+        tokens = self._tokens(x)
         alpha = self.attention(tokens.mean(1)).to(x.dtype)
         out = run_with_kernel(alpha, lambda w: torch.bmm(tokens, w.flatten(2).transpose(1, 2)),
                               self.assemble_kernel, self.recompute_kernels)
@@ -334,10 +338,9 @@ class KWLinear(_KWLayer):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample ``F.linear`` with each sample's assembled weight (for tests)."""
-        batch = x.shape[0]
-        tokens = x.reshape(batch, -1, self.in_features)
+        tokens = self._tokens(x)
         weight = self.assemble_kernel(self.attention(tokens.mean(1)).to(x.dtype)).flatten(2)
-        out = torch.stack([F.linear(tokens[b], weight[b], self.bias) for b in range(batch)])
+        out = torch.stack([F.linear(tokens[b], weight[b], self.bias) for b in range(x.shape[0])])
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -2,6 +2,7 @@
 
 In order (the first that applies runs):
 
+0. an empty batch (:mod:`.batched`): the empty output, connected for backward;
 1. kernel basis (:mod:`.kernel_basis`): CPU inference, where mixing the
    cached basis beats mixing the cells;
 2. export (:mod:`.export`): batch-agnostic operations while exporting;
@@ -27,7 +28,7 @@ import torch
 
 from ..attention import KWAttention
 from ..recompute import run_with_kernel
-from .batched import batched_kernel, run_batched, run_single
+from .batched import batched_kernel, run_batched, run_empty, run_single
 from .conditions import native_batch_paths, pointwise_native_applies
 from .export import is_exporting, run_export
 from .fused import try_fused
@@ -59,6 +60,9 @@ def conv_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
     """
     if bias is not None:
         bias = bias.to(x.dtype)
+    if x.shape[0] == 0:
+        out = run_empty(g, x, assemble_kernel(attention(x).to(x.dtype)))
+        return out if bias is None else out + bias.view(g.bias_view)
     out = try_kernel_basis(g, x, attention, cells, kernel_basis, inference_basis)
     if out is not None:
         return out if bias is None else out + bias.view(g.bias_view)

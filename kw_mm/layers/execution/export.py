@@ -24,9 +24,9 @@ matmul is an elementwise product summed over ``K``. The batch size only
 ever appears as the ``-1`` of a reshape.
 
 KW layers use it while :func:`is_exporting` is true, i.e. inside
-``kw_mm.export.export_mode()`` (or during ``torch.onnx.export``). It is
-slower than the normal paths and needs ``K×`` the input's memory for the
-columns, so it is meant for export only.
+``kw_mm.export.export_mode()``, during ``torch.onnx.export`` and under
+``torch.jit.trace``. It is slower than the normal paths and needs ``K×``
+the input's memory for the columns, so it is meant for export only.
 """
 from __future__ import annotations
 
@@ -44,10 +44,12 @@ _export_mode = False
 def is_exporting() -> bool:
     """Whether KW layers should use the batch-agnostic formulation.
 
-    True inside :func:`export_mode` and while ``torch.onnx.export`` traces
-    a model.
+    True inside :func:`export_mode`, while ``torch.onnx.export`` traces a
+    model, and under ``torch.jit.trace`` (a trace records one path: the
+    batch-size branches of the normal forward would be frozen at the traced
+    batch size, every sample then convolved with the first one's kernel).
     """
-    return _export_mode or torch.onnx.is_in_onnx_export()
+    return _export_mode or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 @contextlib.contextmanager
