@@ -49,7 +49,8 @@ def is_exporting() -> bool:
     batch-size branches of the normal forward would be frozen at the traced
     batch size, every sample then convolved with the first one's kernel).
     """
-    return _export_mode or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    # torch.jit.is_tracing() without its Python wrapper: this runs on every forward
+    return _export_mode or torch.onnx.is_in_onnx_export() or torch._C._is_tracing()
 
 
 @contextlib.contextmanager
