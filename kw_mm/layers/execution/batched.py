@@ -4,7 +4,7 @@ whose groups are the samples (CUDA, and depth-wise layers on CPU, where it
 is the faster form); and an empty batch."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -15,6 +15,16 @@ def run_single(g: ConvGeometry, x: torch.Tensor, weight: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
     """One sample ``x [1, C, *S]`` through its kernel ``weight [1, out, in/groups, *k]``."""
     return g.conv(x, weight[0], bias, g.stride, g.padding, g.dilation, g.groups)
+
+
+def batched_kernel(assemble: Callable[[torch.Tensor], torch.Tensor],
+                   alpha: torch.Tensor) -> torch.Tensor:
+    """``assemble(alpha)`` flattened to ``[B·out, in/groups, *k]`` for :func:`run_batched`.
+
+    Flattened here, not in :func:`run_batched`: where flattening copies, the
+    copy is what the convolution keeps, so it is what ``recompute_kernels``
+    must rebuild."""
+    return assemble(alpha).flatten(0, 1)
 
 
 def run_batched(g: ConvGeometry, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

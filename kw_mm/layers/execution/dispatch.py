@@ -28,7 +28,7 @@ import torch
 
 from ..attention import KWAttention
 from ..recompute import run_with_kernel
-from .batched import run_batched, run_empty, run_single
+from .batched import batched_kernel, run_batched, run_empty, run_single
 from .conditions import native_batch_paths, pointwise_native_applies
 from .export import is_exporting, run_export
 from .fused import try_fused
@@ -92,11 +92,8 @@ def conv_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
                 alpha, lambda mixed: run_per_sample(g, x, mixed, recompute_kernels),
                 mix_cells, recompute_kernels)
     else:
-        # the kernels flattened to [B·out, in/groups, *k] in the made tensor: where
-        # flattening copies, the copy is what the convolution keeps, so it is what
-        # recompute_kernels must rebuild
         out = run_with_kernel(alpha, lambda w: run_batched(g, x, w),
-                              lambda a: assemble_kernel(a).flatten(0, 1), recompute_kernels)
+                              lambda a: batched_kernel(assemble_kernel, a), recompute_kernels)
     if bias is not None:
         out = out + bias.view(g.bias_view)
     return out
