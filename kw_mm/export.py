@@ -9,7 +9,7 @@ How dynamic batches export: the normal forward of a KW convolution chooses
 its computation from the batch size in Python, which a trace freezes. While
 exporting (:func:`export_mode`, and ``torch.onnx.is_in_onnx_export()``),
 KW convolutions switch to the batch-agnostic formulation of
-:mod:`kw_mm.layers.export_forward` (one im2col convolution with static
+:mod:`kw_mm.layers.execution.export` (one im2col convolution with static
 groups and one batched MatMul with the per-sample kernels), which computes
 the same thing. KWLinear and the attention (GAP, BatchNorm1d or LayerNorm
 in eval mode, CAF) are batch-agnostic already.
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .layers import set_temperature
-from .layers.export_forward import export_mode
+from .layers.execution.export import export_mode
 from .utils.atomic_backend import write_atomically
 
 #: the opset the exporter targets unless told otherwise

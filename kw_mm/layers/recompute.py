@@ -94,3 +94,20 @@ def hooks_unsupported() -> bool:
     ``torch.compile``. The kernels are then kept as without ``recompute_kernels``."""
     return (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
             or torch.jit.is_scripting() or torch.compiler.is_compiling())
+
+
+def run_with_kernel(alpha: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor],
+                    make: Callable[[torch.Tensor], torch.Tensor],
+                    recompute_kernels: bool) -> torch.Tensor:
+    """``run(make(alpha))``.
+
+    While training with ``recompute_kernels`` the made tensor is not kept for
+    the backward pass but rebuilt there (:class:`KernelRecompute`; not under
+    functorch transforms, tracing or ``torch.compile``: :func:`hooks_unsupported`).
+    """
+    kernel = make(alpha)
+    if (recompute_kernels and torch.is_grad_enabled() and kernel.requires_grad
+            and not hooks_unsupported()):
+        with KernelRecompute(make, alpha, kernel):
+            return run(kernel)
+    return run(kernel)

@@ -228,3 +228,84 @@ def test_cells_are_initialised_as_the_authors_do():
     layer = KWConv2d(64, 64, 3, budget=2)
     std = layer.kw_warehouse.cells.std().item()
     assert abs(std - (2.0 / (18 * 64)) ** 0.5) < 0.05 * std
+
+
+def _private_cells_layer():
+    from kw_mm.layers.partition import KernelShape, plan_warehouse
+    from kw_mm.layers.warehouse import KernelWarehouse
+    plan = plan_warehouse([KernelShape('c', 16, 8, (3, 3))], 2.0, cell_in_ratio=1,
+                          cell_out_ratio=0.5, private=True)
+    return KWConv2d(8, 16, 3, padding=1, bias=False, warehouse=KernelWarehouse(plan), name='c')
+
+
+EMPTY_LAYERS = {
+    '3x3': lambda: KWConv2d(8, 16, 3, padding=1),
+    '3x3_same_stride1': lambda: KWConv2d(8, 16, 4, padding='same'),
+    '3x3_stride2': lambda: KWConv2d(8, 16, 3, stride=2, padding=1),
+    '1x1': lambda: KWConv2d(8, 16, 1),
+    '1x1_stride2': lambda: KWConv2d(8, 16, 1, stride=2),
+    'grouped': lambda: KWConv2d(8, 16, 3, padding=1, groups=2),
+    'depthwise': lambda: KWConv2d(8, 8, 3, padding=1, groups=8),
+    'private_cells': lambda: _private_cells_layer(),
+    'unpartitioned': lambda: KWConv2d(8, 16, 3, padding=1, budget=2, kernel_partition=False),
+    '1d': lambda: KWConv1d(8, 16, 3, padding=1),
+    '3d': lambda: KWConv3d(8, 16, 3, padding=1),
+}
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval', 'export'])
+@pytest.mark.parametrize('min_macs', [None, 0])  # 0: every native path would apply
+@pytest.mark.parametrize('name', sorted(EMPTY_LAYERS))
+def test_empty_batch_gives_empty_output_and_gradients(name, mode, min_macs, monkeypatch):
+    from kw_mm import native
+    from kw_mm.layers.execution.export import export_mode
+    if min_macs is not None:
+        monkeypatch.setattr(native, 'MIN_MACS', min_macs)
+        monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)
+    torch.manual_seed(0)
+    layer = EMPTY_LAYERS[name]().train(mode == 'train')
+    size = {1: (9,), 2: (9, 10), 3: (5, 6, 7)}[layer.ndim]
+    ref = getattr(nn, f'Conv{layer.ndim}d')(8, layer.out_channels, layer.kernel_size,
+                                           stride=layer.stride, padding=layer.padding,
+                                           groups=layer.groups)
+    x = torch.randn(0, 8, *size, requires_grad=True)
+    with export_mode(mode == 'export'):
+        out = layer(x)
+    assert out.shape == ref(x).shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    cells = layer.kw_warehouse.cells
+    assert cells.grad is not None and cells.grad.shape == cells.shape
+    assert not cells.grad.any()
+    with torch.no_grad(), export_mode(mode == 'export'):
+        assert layer(x.detach()).shape == out.shape
+
+
+@pytest.mark.parametrize('shape', [(0, 12), (0, 5, 12)])
+def test_kw_linear_empty_batch(shape):
+    layer = KWLinear(12, 6).train()
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert layer.kw_warehouse.cells.grad.shape == layer.kw_warehouse.cells.shape
+    with torch.no_grad():
+        assert layer.eval()(x.detach()).shape == out.shape
+
+
+@pytest.mark.parametrize('name', ['3x3', '1x1', 'depthwise', '3x3_same_stride1', '1d', 'linear'])
+def test_jit_trace_is_batch_agnostic(name):
+    # a trace at batch 1 must not bake in one sample's kernel for all samples
+    torch.manual_seed(0)
+    if name == 'linear':
+        layer, size = KWLinear(8, 16), ()
+    else:
+        layer = EMPTY_LAYERS[name]()
+        size = {1: (9,), 2: (9, 10), 3: (5, 6, 7)}[layer.ndim]
+    layer.eval()
+    set_temperature(layer, 0.0)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(1, 8, *size))
+        x = torch.randn(4, 8, *size)
+        torch.testing.assert_close(traced(x), layer.reference_forward(x), atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from kw_mm import KWConv1d, KWConv2d, KWConv3d, KWLinear
+from kw_mm.layers.execution import dispatch
 from kw_mm.models.backbones import KWResNet
 
 LAYERS = {
@@ -39,9 +40,17 @@ def run(name, recompute, batch):
     # (the grouped-convolution path: flattened over the batch)
     layer.mix_cells = recording(layer.mix_cells)
     layer.assemble_kernel = recording(layer.assemble_kernel)
-    if hasattr(layer, '_batched_kernel'):
-        layer._batched_kernel = recording(layer._batched_kernel)
-    out = layer(x)
+    original = dispatch.batched_kernel
+
+    def batched_kernel(assemble, alpha):
+        result = original(assemble, alpha)
+        kernels.append(StorageWeakRef(result.untyped_storage()))
+        return result
+    dispatch.batched_kernel = batched_kernel
+    try:
+        out = layer(x)
+    finally:
+        dispatch.batched_kernel = original
     gc.collect()
     # is any of the forward's kernels alive until backward?
     kept = any(not kernel.expired() for kernel in kernels)

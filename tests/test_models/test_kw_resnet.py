@@ -122,6 +122,31 @@ def test_bf16_autocast_training_step_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize('train', [True, False])
+def test_empty_batch_gives_empty_features(train):
+    # mmdet may hand a backbone an empty batch: plain ResNets return empty maps
+    torch.manual_seed(0)
+    model = KWResNet(18, kw_cfg=dict(budget=0.5), out_indices=(0, 1, 2, 3)).train(train)
+    x = torch.randn(0, 3, 64, 64, requires_grad=True)
+    outs = model(x)
+    assert [tuple(o.shape) for o in outs] == [(0, 64, 16, 16), (0, 128, 8, 8), (0, 256, 4, 4),
+                                             (0, 512, 2, 2)]
+    sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == x.shape
+    cells = model.warehouses[1].cells
+    assert cells.grad is not None and not cells.grad.any()
+
+
+def test_trace_at_batch_one_runs_any_batch():
+    torch.manual_seed(0)
+    model = KWResNet(18, kw_cfg=dict(budget=0.5)).eval()
+    set_temperature(model, 0.0)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, 32, 32))
+        x = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(traced(x)[0], model(x)[0], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize('depth', [34, 101, 152])
 def test_other_depths_build_with_kw_everywhere_but_the_stem(depth):
     with torch.device('meta'):

@@ -81,7 +81,7 @@ class KWLinearClsHead(ClsHead):
                 raise ValueError("kw_cfg.sharing='none' is not supported by KWLinearClsHead "
                                  "(its single layer owns its warehouse); use 'layer'")
             options.pop('share_across_shapes')
-            options.pop('inference_basis')  # a convolution option (kw_mm/layers/basis.py)
+            options.pop('inference_basis')  # a convolution option (the kernel basis)
             self.fc = KWLinear(in_channels, num_classes, bias=True, name='fc', **options)
 
     def pre_logits(self, feats: Tuple[torch.Tensor]) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Inference through a KW layer's cached kernel basis (kw_mm/layers/basis.py)."""
+"""Inference through a KW layer's cached kernel basis (kw_mm/layers/execution/kernel_basis.py)."""
 import copy
 
 import pytest
 import torch
 
 from kw_mm import KWConv2d, native, set_temperature
-from kw_mm.layers import basis
+from kw_mm.layers.execution import conditions
 from kw_mm.layers.builder import parse_kw_cfg
 
 needs_native = pytest.mark.skipif(not native.available(),
@@ -57,7 +57,7 @@ def test_basis_path_matches_reference(kind, tau, batch, small_layers_fuse):
     with torch.no_grad():
         ref = layer.reference_forward(x)
         out = layer(x)
-    cached = layer._inference_basis.cached
+    cached = layer._kernel_basis.cached
     assert cached is not None, 'the basis path did not run'
     beta = tau != 0
     assert cached.shape[:2] == (layer.layer_plan.num_mixtures,
@@ -72,7 +72,7 @@ def test_basis_without_beta_init(small_layers_fuse):
     with torch.no_grad():
         ref = layer.reference_forward(x)
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=scale_of(ref))
-    assert layer._inference_basis.cached.shape[1] == layer.attention.fc2.in_features + 1
+    assert layer._kernel_basis.cached.shape[1] == layer.attention.fc2.in_features + 1
 
 
 @needs_native
@@ -81,19 +81,19 @@ def test_basis_is_rebuilt_when_weights_or_tau_change(small_layers_fuse):
     set_temperature(layer, 0.0)
     with torch.no_grad():
         layer(x)
-        first = layer._inference_basis.cached
+        first = layer._kernel_basis.cached
         layer(x)
-        assert layer._inference_basis.cached is first  # reused
+        assert layer._kernel_basis.cached is first  # reused
         changes = [lambda: layer.warehouse.cells.mul_(1.5),
                    lambda: layer.attention.fc2.weight.add_(0.1),
                    lambda: layer.attention.fc2.bias.sub_(0.2),
                    lambda: set_temperature(layer, 0.5)]
         for change in changes:
-            before = layer._inference_basis.cached
+            before = layer._kernel_basis.cached
             change()
             ref = layer.reference_forward(x)
             torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=scale_of(ref))
-            assert layer._inference_basis.cached is not before
+            assert layer._kernel_basis.cached is not before
 
 
 @needs_native
@@ -101,15 +101,15 @@ def test_training_forward_drops_the_basis_and_deepcopy_does_not_copy_it(small_la
     layer, x = make_layer('1x1 cell groups')
     with torch.no_grad():
         layer(x)
-    assert layer._inference_basis.cached is not None
+    assert layer._kernel_basis.cached is not None
     twin = copy.deepcopy(layer)
-    assert twin._inference_basis.cached is None
+    assert twin._kernel_basis.cached is None
     with torch.no_grad():
         torch.testing.assert_close(twin(x), layer(x))
     layer.train()
     out = layer(x)
     out.sum().backward()
-    assert layer._inference_basis.cached is None
+    assert layer._kernel_basis.cached is None
     assert layer.warehouse.cells.grad is not None
 
 
@@ -122,11 +122,11 @@ def test_attention_hooks_and_the_switch_keep_the_attention_forward(small_layers_
         layer(x)
     handle.remove()
     assert seen == [(3, layer.layer_plan.num_mixtures, layer.kw_warehouse.num_cells)]
-    assert layer._inference_basis.cached is None
+    assert layer._kernel_basis.cached is None
     off, x = make_layer('3x3', inference_basis=False)
     with torch.no_grad():
         off(x)
-    assert off._inference_basis.cached is None
+    assert off._kernel_basis.cached is None
 
 
 @needs_native
@@ -136,16 +136,16 @@ def test_non_affine_attentions_do_not_use_the_basis(attention_fn, small_layers_f
     with torch.no_grad():
         ref = layer.reference_forward(x)
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=scale_of(ref))
-    assert layer._inference_basis.cached is None
+    assert layer._kernel_basis.cached is None
 
 
 def test_basis_pays_on_resnet50_stage3_only():
     # (mixtures, rows, cells) of KW ResNet50 1x at τ = 1
-    assert basis.basis_pays(9, 18, 138)          # stage-3 3×3
-    assert basis.basis_pays(4, 18, 138)          # stage-3 1×1 reading 256 channels
-    assert not basis.basis_pays(4, 66, 138)      # stage-3 1×1 reading 1024: twice the bytes
-    assert not basis.basis_pays(9, 34, 47)       # stage-4 3×3: fewer cells than rows·m
-    assert not basis.basis_pays(9, 18, 27)       # rows more than half the cells
+    assert conditions.kernel_basis_pays(9, 18, 138)          # stage-3 3×3
+    assert conditions.kernel_basis_pays(4, 18, 138)          # stage-3 1×1 reading 256 channels
+    assert not conditions.kernel_basis_pays(4, 66, 138)      # stage-3 1×1 reading 1024: twice the bytes
+    assert not conditions.kernel_basis_pays(9, 34, 47)       # stage-4 3×3: fewer cells than rows·m
+    assert not conditions.kernel_basis_pays(9, 18, 27)       # rows more than half the cells
 
 
 def test_inference_basis_option_is_checked():
@@ -185,8 +185,8 @@ def test_basis_built_in_inference_mode_serves_no_grad_calls(small_layers_fuse):
     layer, x = make_layer('3x3 stride 2, bias')
     with torch.inference_mode():
         first = layer(x)
-    built = layer._inference_basis.cached
+    built = layer._kernel_basis.cached
     assert built is not None
     with torch.no_grad():
         torch.testing.assert_close(layer(x), first)
-    assert layer._inference_basis.cached is built
+    assert layer._kernel_basis.cached is built

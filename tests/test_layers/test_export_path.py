@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kw_mm import KWConv1d, KWConv2d, KWConv3d, set_temperature
-from kw_mm.layers.export_forward import batch_agnostic_conv, export_mode, is_exporting
+from kw_mm.layers.execution.export import batch_agnostic_conv, export_mode, is_exporting
 
 LAYERS = {1: KWConv1d, 2: KWConv2d, 3: KWConv3d}
 SIZES = {1: (11, ), 2: (9, 10), 3: (5, 6, 7)}
@@ -53,10 +53,10 @@ def test_export_formulation_gives_each_sample_its_own_kernel():
 
 
 def test_export_mode_selects_the_formulation_and_restores_the_flag(monkeypatch):
-    import kw_mm.layers.kw_conv as kw_conv
+    import kw_mm.layers.execution.export as export
     calls = []
-    original = kw_conv.batch_agnostic_conv
-    monkeypatch.setattr(kw_conv, 'batch_agnostic_conv',
+    original = export.batch_agnostic_conv
+    monkeypatch.setattr(export, 'batch_agnostic_conv',
                         lambda *args: calls.append(1) or original(*args))
     layer = KWConv2d(4, 4, 3, padding=1).eval()
     x = torch.randn(2, 4, 5, 5)

@@ -20,9 +20,10 @@ third stage mixes 17 instead of 138 for its 3×3 layers and the 1×1 layers
 that read 256 channels. The arithmetic is the assembly's, regrouped (float32
 rounding differs at the 1e-7 level; tested against the reference path).
 
-``F`` holds ``m·(d + 2)`` cell-sized rows per layer. :func:`basis_pays` uses
-it where that at most halves the rows mixed per sample and is no larger than
-:data:`BASIS_MEMORY_RATIO` × the layer's warehouse (which the fused forward
+``F`` holds ``m·(d + 2)`` cell-sized rows per layer.
+:func:`~.conditions.kernel_basis_pays` uses it where that at most halves the
+rows mixed per sample and is no larger than
+:data:`~.conditions.KERNEL_BASIS_MEMORY_RATIO` × the layer's warehouse (which the fused forward
 streams through per call anyway), so the layer streams about as many bytes
 and does a fraction of the multiply-adds. The cache lives on the layer,
 is rebuilt when the cells, the attention's second layer or β change (their
@@ -36,13 +37,14 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .attention import CAF_EPS, KWAttention
+from ..attention import CAF_EPS, KWAttention
+from .conditions import fused_applies, kernel_basis_pays
+from .export import is_exporting
+from .fused import run_fused
+from .geometry import ConvGeometry, padded_input
 
-#: the basis may hold at most this many times the layer's warehouse (cell rows).
-BASIS_MEMORY_RATIO = 1.25
 
-
-def basis_rows(attention: KWAttention, with_beta: bool) -> Optional[int]:
+def kernel_basis_rows(attention: KWAttention, with_beta: bool) -> Optional[int]:
     """Rows per mixture of ``attention``'s kernel basis, or None where the
     attentions are not affine in the hidden vector (softmax, sigmoid,
     ReLU-normalised; the non-local low-rank logits of released 1/2x models
@@ -57,24 +59,17 @@ def with_beta(attention: KWAttention) -> bool:
     return attention.init != 'none' and float(attention.temperature) != 0.0
 
 
-def basis_pays(mixtures: int, rows: int, cells: int) -> bool:
-    """Whether mixing ``rows`` basis rows per mixture beats mixing ``cells``
-    warehouse cells: at most half the multiply-adds, and a basis of at most
-    :data:`BASIS_MEMORY_RATIO` × the warehouse (see the module docstring)."""
-    return 2 * rows <= cells and mixtures * rows <= BASIS_MEMORY_RATIO * cells
-
-
 def _key(tensors) -> Tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
 
 
-class InferenceBasis:
-    """One layer's cached basis ``F [m, rows, cell numel]`` (see module docstring)."""
+class KernelBasisCache:
+    """One layer's cached kernel basis ``F [m, rows, cell numel]`` (see module docstring)."""
 
     def __init__(self) -> None:
         self._entry: Optional[Tuple[Tuple, torch.Tensor]] = None
 
-    def __deepcopy__(self, memo) -> 'InferenceBasis':
+    def __deepcopy__(self, memo) -> 'KernelBasisCache':
         return type(self)()  # a copy rebuilds its own from its own weights
 
     def clear(self) -> None:
@@ -85,7 +80,7 @@ class InferenceBasis:
         return None if self._entry is None else self._entry[1]
 
     def get(self, attention: KWAttention, cells: torch.Tensor, beta: bool) -> torch.Tensor:
-        """The basis for ``cells [n, cell numel]`` (built if missing or stale)."""
+        """The kernel basis for ``cells [n, cell numel]`` (built if missing or stale)."""
         fc2 = attention.fc2
         key = _key((cells, fc2.weight, fc2.bias, attention.beta)) + (beta,)
         entry = self._entry
@@ -93,12 +88,13 @@ class InferenceBasis:
             return entry[1]
         self._entry = None  # free the stale one before building
         with torch.no_grad():
-            basis = build_basis(attention, cells, beta)
+            basis = build_kernel_basis(attention, cells, beta)
         self._entry = (key, basis)
         return basis
 
 
-def build_basis(attention: KWAttention, cells: torch.Tensor, beta: bool) -> torch.Tensor:
+def build_kernel_basis(attention: KWAttention, cells: torch.Tensor,
+                       beta: bool) -> torch.Tensor:
     """``F [m, rows, cell numel]`` from ``cells [n, cell numel]`` (module docstring)."""
     m, n = attention.num_mixtures, attention.num_cells
     fc2 = attention.fc2
@@ -111,8 +107,9 @@ def build_basis(attention: KWAttention, cells: torch.Tensor, beta: bool) -> torc
     return torch.matmul(mixing.reshape(-1, n), cells).view(m, mixing.shape[1], -1)
 
 
-def basis_coefficients(attention: KWAttention, x: torch.Tensor, beta: bool) -> torch.Tensor:
-    """Per-sample coefficients ``[B, m, rows]`` of the basis rows for input ``x``."""
+def kernel_basis_coefficients(attention: KWAttention, x: torch.Tensor,
+                              beta: bool) -> torch.Tensor:
+    """Per-sample coefficients ``[B, m, rows]`` of the kernel-basis rows for input ``x``."""
     h = attention.hidden(x)
     z = attention.fc2(h).view(-1, attention.num_mixtures, attention.num_cells + 1)
     tau = attention.temperature.to(z.dtype)
@@ -125,7 +122,36 @@ def basis_coefficients(attention: KWAttention, x: torch.Tensor, beta: bool) -> t
 
 
 def hooked(module: nn.Module) -> bool:
-    """Whether ``module``'s forward has hooks (which the basis path would skip)."""
+    """Whether ``module``'s forward has hooks (which the kernel-basis path would skip)."""
     from torch.nn.modules import module as module_mod
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def try_kernel_basis(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
+                     cells: torch.Tensor, cache: KernelBasisCache,
+                     enabled: bool) -> Optional[torch.Tensor]:
+    """Inference (no autograd graph) through the layer's cached kernel basis
+    with :func:`kw_mm.native.fused_conv2d_taps` (:func:`~.fused.run_fused`),
+    where the fused path applies and :func:`~.conditions.kernel_basis_pays`;
+    else None (without bias). A forward that builds a graph drops the cache.
+
+    Args:
+        enabled: The layer's ``inference_basis`` option.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or cells.requires_grad
+                                    or attention.fc2.weight.requires_grad):
+        cache.clear()
+        return None
+    if not enabled or is_exporting() or x.is_cuda or hooked(attention):
+        return None
+    beta = with_beta(attention)
+    rows = kernel_basis_rows(attention, beta)
+    if rows is None or not kernel_basis_pays(g.num_mixtures, rows, g.num_cells):
+        return None
+    x_in = x if g.pointwise else padded_input(g, x)
+    if not fused_applies(g, x_in, x):
+        return None
+    basis = cache.get(attention, cells.reshape(g.num_cells, -1).to(x.dtype), beta)
+    coefficients = kernel_basis_coefficients(attention, x, beta).to(x.dtype)
+    return run_fused(g, x_in, coefficients, basis)

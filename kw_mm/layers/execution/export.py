@@ -1,6 +1,6 @@
 """A batch-agnostic formulation of the per-sample convolution of KW layers.
 
-The normal forward of a KW convolution (``_KWConvNd.forward``) picks its
+The normal forward of a KW convolution (:mod:`.dispatch`) picks its
 computation from the batch size in Python: a plain convolution for one
 sample, a batched matmul for 1×1 kernels, one grouped convolution whose
 groups are the samples on CUDA, or one convolution per sample on CPU. None
@@ -24,9 +24,9 @@ matmul is an elementwise product summed over ``K``. The batch size only
 ever appears as the ``-1`` of a reshape.
 
 KW layers use it while :func:`is_exporting` is true, i.e. inside
-``kw_mm.export.export_mode()`` (or during ``torch.onnx.export``). It is
-slower than the normal paths and needs ``K×`` the input's memory for the
-columns, so it is meant for export only.
+``kw_mm.export.export_mode()``, during ``torch.onnx.export`` and under
+``torch.jit.trace``. It is slower than the normal paths and needs ``K×``
+the input's memory for the columns, so it is meant for export only.
 """
 from __future__ import annotations
 
@@ -35,20 +35,22 @@ import math
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
+
+from .geometry import CONV_FUNCTIONS, ConvGeometry
 
 _export_mode = False
-
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def is_exporting() -> bool:
     """Whether KW layers should use the batch-agnostic formulation.
 
-    True inside :func:`export_mode` and while ``torch.onnx.export`` traces
-    a model.
+    True inside :func:`export_mode`, while ``torch.onnx.export`` traces a
+    model, and under ``torch.jit.trace`` (a trace records one path: the
+    batch-size branches of the normal forward would be frozen at the traced
+    batch size, every sample then convolved with the first one's kernel).
     """
-    return _export_mode or torch.onnx.is_in_onnx_export()
+    # torch.jit.is_tracing() without its Python wrapper: this runs on every forward
+    return _export_mode or torch.onnx.is_in_onnx_export() or torch._C._is_tracing()
 
 
 @contextlib.contextmanager
@@ -85,7 +87,7 @@ def batch_agnostic_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         ``weight[b]`` on its own.
     """
     ndim = x.dim() - 2
-    if ndim not in _CONV_FUNCTIONS or weight.dim() != ndim + 3:
+    if ndim not in CONV_FUNCTIONS or weight.dim() != ndim + 3:
         raise ValueError(f'expected x [B, C, *S] with 1 to 3 spatial dims and weight '
                          f'[B, out, in/groups, *kernel] with as many kernel dims, got x '
                          f'{tuple(x.shape)} and weight {tuple(weight.shape)}')
@@ -105,7 +107,7 @@ def batch_agnostic_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     # torch 2.13's ONNX translation of a bias-less conv3d builds a bias of the
     # kernel's full shape (onnxruntime refuses it): give 3-d an explicit zero bias
     zero_bias = one_hot.new_zeros(positions) if ndim == 3 else None
-    cols = _CONV_FUNCTIONS[ndim](x.flatten(0, 1).unsqueeze(1), one_hot, zero_bias, stride,
+    cols = CONV_FUNCTIONS[ndim](x.flatten(0, 1).unsqueeze(1), one_hot, zero_bias, stride,
                                  padding, dilation)  # [B·C, K, *S_out]
     out_shape = cols.shape[2:]
     length = math.prod(out_shape)
@@ -125,3 +127,10 @@ def batch_agnostic_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if bias is not None:
         out = out + bias.view(1, -1, *([1] * ndim))
     return out
+
+
+def run_export(g: ConvGeometry, x: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The layer's convolution of ``x`` with the per-sample kernels ``weight``
+    through :func:`batch_agnostic_conv`."""
+    return batch_agnostic_conv(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
