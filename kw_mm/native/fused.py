@@ -40,7 +40,7 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
 
     ``alpha [B, m, n]``, ``cells [n, cell_out·cell_in]`` (every mixture mixes
     the same cells) or ``[m, n, cell_out·cell_in]`` (mixture ``i`` mixes
-    ``cells[i]``: a layer's inference basis, :mod:`kw_mm.layers.basis`); with
+    ``cells[i]``: a layer's kernel basis, :mod:`kw_mm.layers.execution.kernel_basis`); with
     ``cell_groups = (G_out, G_in)`` the layer's ``out = G_out·cell_out`` and
     ``in = G_in·cell_in`` channels are split into groups, and mixture
     ``i = (s·G_out + o)·G_in + c`` (``m = kh·kw·G_out·G_in`` of them) is the
@@ -48,7 +48,7 @@ def fused_conv2d_taps(x: torch.Tensor, alpha: torch.Tensor, cells: torch.Tensor,
     (the layout of KW's kernel partition).
 
     No autograd (inference; training through
-    :class:`kw_mm.layers.per_sample.FusedKernelConv`). ``kw_fused_taps``
+    :class:`kw_mm.layers.execution.fused.FusedKernelConv`). ``kw_fused_taps``
     assembles each strip of 8 rows of every sample's mixtures into a
     per-thread buffer and convolves with it at once, so the per-sample kernels
     (B × the layer's parameters) are neither written to memory nor read back.

@@ -65,5 +65,5 @@ def check_dataset_paths(cfg, loaders=('train_dataloader', 'val_dataloader', 'tes
         lines = '\n  '.join(dict.fromkeys(missing))
         raise FileNotFoundError(
             f'dataset path(s) not found:\n  {lines}\n'
-            'Put the dataset there (README.md, "Training on COCO", shows the layout) or point '
+            'Put the dataset there (README.md, "Training and testing", shows the layout) or point '
             'the config at it, e.g. --cfg-options train_dataloader.dataset.data_root=/path/')
