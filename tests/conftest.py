@@ -62,7 +62,7 @@ def assembly(request, monkeypatch):
     if request.param == 'native':
         if not native.available():
             pytest.skip(f'native kernels: {native.status()}')
-        monkeypatch.setattr(native, 'MIN_MACS', 0)
+        monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     else:
-        monkeypatch.setattr(native, 'MIN_MACS', float('inf'))
+        monkeypatch.setattr(native.tuning, 'MIN_MACS', float('inf'))
     return request.param

@@ -2,8 +2,8 @@
 
 The thresholds say where a native kernel beats torch's (MKL / oneDNN) on CPU;
 docs/native_kernels.md gives the measurements behind them. They are read at
-call time, so setting one here (or through ``kw_mm.native``, which forwards
-the assignment) changes what the kernels and the layers choose.
+call time from this module, so setting one here changes what the kernels and
+the layers choose.
 """
 from typing import Tuple
 
@@ -81,7 +81,7 @@ def nt_workspace_fits(rows: int, cols: int) -> bool:
     return padded * 16 * 4 * torch.get_num_threads() <= NT_WORKSPACE_BYTES
 
 
-#: The thresholds above, by name (what ``kw_mm.native`` forwards to this module).
+#: The thresholds above, by name (``kw_mm.native`` re-exports them).
 THRESHOLDS = ('MIN_MACS', 'NT_WORKSPACE_BYTES', 'TAPS_KERNEL_TRAFFIC', 'STRIDED_TAPS_MAX_TILES',
               'UNPADDED_TAPS', 'TAPS_BACKWARD_MAX_COLS', 'TAPS_BACKWARD_STRIDED_MAX_COLS',
               'NATIVE_KERNEL_GRAD_MAX_COLS', 'FUSED_POINTWISE_POSITIONS_PER_CELL',

@@ -38,8 +38,8 @@ def make_layer(kind, **kw):
 
 @pytest.fixture
 def small_layers_fuse(monkeypatch):
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
-    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 100)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 100)
 
 
 def scale_of(ref):

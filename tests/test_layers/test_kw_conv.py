@@ -260,8 +260,8 @@ def test_empty_batch_gives_empty_output_and_gradients(name, mode, min_macs, monk
     from kw_mm import native
     from kw_mm.layers.execution.export import export_mode
     if min_macs is not None:
-        monkeypatch.setattr(native, 'MIN_MACS', min_macs)
-        monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)
+        monkeypatch.setattr(native.tuning, 'MIN_MACS', min_macs)
+        monkeypatch.setattr(native.tuning, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)
     torch.manual_seed(0)
     layer = EMPTY_LAYERS[name]().train(mode == 'train')
     size = {1: (9,), 2: (9, 10), 3: (5, 6, 7)}[layer.ndim]

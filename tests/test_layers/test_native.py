@@ -33,12 +33,13 @@ LAYERS = {
 def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monkeypatch):
     make, shape = LAYERS[name]
     calls = []
-    for kernel in ('gemm_nn', 'gemm_nn_batched', 'conv2d_taps', 'conv2d_taps_backward'):
-        monkeypatch.setattr(native, kernel, lambda *a, f=getattr(native, kernel), k=kernel,
+    for home, kernel in ((native.gemm, 'gemm_nn'), (native.gemm, 'gemm_nn_batched'),
+                         (native.taps, 'conv2d_taps'), (native.taps, 'conv2d_taps_backward')):
+        monkeypatch.setattr(home, kernel, lambda *a, f=getattr(home, kernel), k=kernel,
                             **options: calls.append(k) or f(*a, **options))
     results = []
     for min_macs in (float('inf'), 0):  # torch.matmul, then the C kernels
-        monkeypatch.setattr(native, 'MIN_MACS', min_macs)
+        monkeypatch.setattr(native.tuning, 'MIN_MACS', min_macs)
         torch.manual_seed(0)
         layer = make().train()
         layer.recompute_kernels = recompute
@@ -58,8 +59,8 @@ def test_layers_give_the_same_outputs_and_gradients(name, batch, recompute, monk
 
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv('KW_MM_NATIVE', '0')
-    monkeypatch.setattr(native, '_loaded', None)
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.library, '_loaded', None)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     assert not native.available() and 'KW_MM_NATIVE=0' in native.status()
     a, b = torch.randn(6, 5), torch.randn(5, 300)
     torch.testing.assert_close(native.matmul(a, b), a @ b)
@@ -71,8 +72,8 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
     monkeypatch.setenv('KW_MM_CACHE_DIR', str(tmp_path / 'cache'))
     monkeypatch.delenv('KW_MM_NATIVE', raising=False)
-    monkeypatch.setattr(native, '_loaded', None)
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.library, '_loaded', None)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     a, b = torch.randn(6, 5), torch.randn(5, 300)
     with pytest.warns(RuntimeWarning, match='no-such-cc'):
         out = native.matmul(a, b)
@@ -98,7 +99,7 @@ def test_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     checksums = [native.checksum_path(first).name]
     assert sorted(os.listdir(tmp_path)) == [first.name] + checksums  # no temporary left behind
     assert first.stat().st_mode & 0o055 == 0o055  # readable by all: the cache may be shared
-    monkeypatch.setattr(native, '_cpu_flags', lambda: 'flags: another cpu')
+    monkeypatch.setattr(native.library, '_cpu_flags', lambda: 'flags: another cpu')
     second = native.build(tmp_path)  # another CPU: built again beside the first
     checksums.append(native.checksum_path(second).name)
     assert second != first and sorted(os.listdir(tmp_path)) == sorted([first.name, second.name]

@@ -59,7 +59,7 @@ def per_sample_grouped_kernels64(alpha, cells, kernel, out_c, in_c, groups):
 ])
 def test_fused_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
                                            groups, threads, unpadded, monkeypatch):
-    monkeypatch.setattr(native, 'UNPADDED_TAPS', unpadded)
+    monkeypatch.setattr(native.tuning, 'UNPADDED_TAPS', unpadded)
     torch.manual_seed(0)
     mixtures, n = kernel[0] * kernel[1] * groups[0] * groups[1], 11
     x = torch.randn(batch, in_c, *size)
@@ -150,10 +150,10 @@ def test_pointwise_layers_fuse_in_inference_only(make, size, monkeypatch):
     # (and in training with recompute_kernels: test_training_with_recompute_runs_fused...)
     used = []
     fused = native.fused_conv2d_taps
-    monkeypatch.setattr(native, 'fused_conv2d_taps',
+    monkeypatch.setattr(native.fused, 'fused_conv2d_taps',
                         lambda *a, **k: used.append(k['cell_groups']) or fused(*a, **k))
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
-    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 100)  # few cells here
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 100)  # few cells here
     torch.manual_seed(0)
     layer = make().eval()
     set_temperature(layer, 0.3)
@@ -168,7 +168,7 @@ def test_pointwise_layers_fuse_in_inference_only(make, size, monkeypatch):
     with_graph = layer(x)  # training keeps the kernels for backward: not fused
     assert len(used) == 1
     torch.testing.assert_close(with_graph.detach(), ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 0)
+    monkeypatch.setattr(native.tuning, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 0)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
     assert len(used) == 1  # a map too large for the cells: the batched product
@@ -178,7 +178,7 @@ def test_pointwise_layers_fuse_in_inference_only(make, size, monkeypatch):
 def test_private_cells_and_one_sample_under_functorch(monkeypatch):
     from kw_mm.layers.partition import KernelShape, plan_warehouse
     from kw_mm.layers.warehouse import KernelWarehouse
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     torch.manual_seed(0)
     # sharing='none': each mixture mixes cells of its own, a strided mixture tensor
     plan = plan_warehouse([KernelShape('c', 16, 16, (3, 3))], 2.0, cell_in_ratio=1,
@@ -216,10 +216,10 @@ def test_training_with_recompute_runs_fused_with_the_same_numbers(make, input_gr
     the attention's)."""
     used = []
     fused = native.fused_conv2d_taps
-    monkeypatch.setattr(native, 'fused_conv2d_taps',
+    monkeypatch.setattr(native.fused, 'fused_conv2d_taps',
                         lambda *a, **k: used.append(1) or fused(*a, **k))
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
-    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)
     results = []
     for recompute in (False, True):
         torch.manual_seed(0)

@@ -86,10 +86,10 @@ def test_gemm_nn_batched_strided_operands():
 @needs_native
 @pytest.mark.parametrize('n', [100, 700, 2100])  # the three ways of b's gradient
 def test_batched_matmul_matches_torch(n, monkeypatch):
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     used = []
     product = native.gemm_nn_batched
-    monkeypatch.setattr(native, 'gemm_nn_batched', lambda *a: used.append(1) or product(*a))
+    monkeypatch.setattr(native.gemm, 'gemm_nn_batched', lambda *a: used.append(1) or product(*a))
     torch.manual_seed(0)
     a = torch.randn(3, 20, 33, requires_grad=True)
     b = torch.randn(3, 33, n, requires_grad=True)
@@ -107,7 +107,7 @@ def test_batched_matmul_matches_torch(n, monkeypatch):
 
 @needs_native
 def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     torch.manual_seed(0)
     a = torch.randn(2, 6, 5, requires_grad=True)
     b = torch.randn(2, 5, 300, requires_grad=True)
@@ -125,7 +125,7 @@ def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
 
     def fail(*args):
         raise AssertionError('the C kernels ran')
-    monkeypatch.setattr(native, 'gemm_nn_batched', fail)
+    monkeypatch.setattr(native.gemm, 'gemm_nn_batched', fail)
     native.bmm(a.double(), b.double())
     with torch.autocast('cpu', dtype=torch.bfloat16):
         native.bmm(a, b)
@@ -137,12 +137,12 @@ def test_batched_matmul_higher_order_and_fallbacks(monkeypatch):
 
 @needs_native
 def test_forward_mode_ad_takes_torch_products(monkeypatch):
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
 
     def fail(*args):
         raise AssertionError('the C kernels ran')
     for kernel in ('gemm_nn', 'gemm_nn_batched'):
-        monkeypatch.setattr(native, kernel, fail)
+        monkeypatch.setattr(native.gemm, kernel, fail)
     import torch.autograd.forward_ad as fwAD
     torch.manual_seed(0)
     for product, ref, shapes in ((native.bmm, torch.bmm, ((2, 6, 5), (2, 5, 300))),
@@ -158,7 +158,7 @@ def test_forward_mode_ad_takes_torch_products(monkeypatch):
 @needs_native
 def test_batched_matmul_keeps_no_kernel_for_an_input_without_gradient(monkeypatch):
     import weakref
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     w = torch.randn(2, 6, 5, requires_grad=True)
     kernel = w * 2
     ref = weakref.ref(kernel)
@@ -202,7 +202,7 @@ def test_autograd_function_matches_torch():
 def test_not_used_for_float64_autocast_or_small_products(monkeypatch):
     def fail(*args):
         raise AssertionError('the C kernels ran')
-    monkeypatch.setattr(native, 'gemm_nn', fail)
+    monkeypatch.setattr(native.gemm, 'gemm_nn', fail)
     a, b = torch.randn(72, 47), torch.randn(47, 262_144)
     native.matmul(a.double(), b.double())
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -226,7 +226,7 @@ def test_mismatched_shapes_raise():
 
 @needs_native
 def test_higher_order_and_forward_mode_derivatives(monkeypatch):
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     torch.manual_seed(0)
     a = torch.randn(6, 5, requires_grad=True)
     b = torch.randn(5, 300, requires_grad=True)
@@ -247,12 +247,12 @@ def test_higher_order_and_forward_mode_derivatives(monkeypatch):
 
 @needs_native
 def test_large_attention_gradients_fall_back_to_torch(monkeypatch):
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
-    monkeypatch.setattr(native, 'NT_WORKSPACE_BYTES', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'NT_WORKSPACE_BYTES', 0)
 
     def fail(*args):
         raise AssertionError('kw_gemm_nt ran')
-    monkeypatch.setattr(native, 'gemm_nt', fail)
+    monkeypatch.setattr(native.gemm, 'gemm_nt', fail)
     a = torch.randn(6, 5, requires_grad=True)
     b = torch.randn(5, 300)
     native.matmul(a, b).sum().backward()

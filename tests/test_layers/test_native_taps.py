@@ -56,7 +56,7 @@ def per_sample_conv64(x, kernels, kernel_size, stride, padding, dilation, cell_g
 ])
 def test_conv2d_taps_matches_float64(batch, in_c, out_c, size, kernel, stride, padding,
                                      dilation, groups, threads, unpadded, monkeypatch):
-    monkeypatch.setattr(native, 'UNPADDED_TAPS', unpadded)
+    monkeypatch.setattr(native.tuning, 'UNPADDED_TAPS', unpadded)
     torch.manual_seed(0)
     x = torch.randn(batch, in_c, *size)
     kernels = torch.randn(batch, kernel[0] * kernel[1] * groups[0] * groups[1],
@@ -129,11 +129,11 @@ def test_conv2d_taps_is_chosen_for_small_maps_only():
 @pytest.mark.parametrize('train', [False, True])
 def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatch):
     used = []
-    for name in ('conv2d_taps', 'fused_conv2d_taps'):
-        monkeypatch.setattr(native, name, lambda *a, f=getattr(native, name), k=name, **kw:
+    for home, name in ((native.taps, 'conv2d_taps'), (native.fused, 'fused_conv2d_taps')):
+        monkeypatch.setattr(home, name, lambda *a, f=getattr(home, name), k=name, **kw:
                             used.append(k) or f(*a, **kw))
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
-    monkeypatch.setattr(native, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)  # 1×1: fused too
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'FUSED_POINTWISE_POSITIONS_PER_CELL', 1e9)  # 1×1: fused too
     torch.manual_seed(0)
     layer = make().train(train)
     set_temperature(layer, 0.3)
@@ -171,8 +171,8 @@ def test_layers_take_conv2d_taps_and_match_the_reference(make, train, monkeypatc
 def test_conv2d_taps_backward_matches_float64(batch, in_c, out_c, size, kernel, padding,
                                               dilation, groups, stride, threads,
                                               kernel_grad_max_cols, unpadded, monkeypatch):
-    monkeypatch.setattr(native, 'NATIVE_KERNEL_GRAD_MAX_COLS', kernel_grad_max_cols)
-    monkeypatch.setattr(native, 'UNPADDED_TAPS', unpadded)
+    monkeypatch.setattr(native.tuning, 'NATIVE_KERNEL_GRAD_MAX_COLS', kernel_grad_max_cols)
+    monkeypatch.setattr(native.tuning, 'UNPADDED_TAPS', unpadded)
     torch.manual_seed(0)
     mixtures = kernel[0] * kernel[1] * groups[0] * groups[1]
     x = torch.randn(batch, in_c, *size)
@@ -227,13 +227,13 @@ def test_conv2d_taps_backward_ignores_the_default_dtype():
 def test_layers_take_the_native_backward_on_small_maps(make, input_grad, recompute,
                                                        monkeypatch):
     used = []
-    for name in ('conv2d_taps_backward', 'fused_kernel_grads'):
-        monkeypatch.setattr(native, name, partial(lambda f, n, *a, **k: used.append(n) or f(*a, **k),
-                                                  getattr(native, name), name))
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    for home, name in ((native.taps, 'conv2d_taps_backward'), (native.fused, 'fused_kernel_grads')):
+        monkeypatch.setattr(home, name, partial(lambda f, n, *a, **k: used.append(n) or f(*a, **k),
+                                                getattr(home, name), name))
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     results = []
     for max_cols in (native.TAPS_BACKWARD_MAX_COLS, 0):  # native, then per-sample oneDNN
-        monkeypatch.setattr(native, 'TAPS_BACKWARD_MAX_COLS', max_cols)
+        monkeypatch.setattr(native.tuning, 'TAPS_BACKWARD_MAX_COLS', max_cols)
         torch.manual_seed(0)
         layer = make(recompute).train()
         set_temperature(layer, 0.3)
@@ -260,12 +260,12 @@ def test_strided_layers_take_the_native_backward_on_small_maps(size, recompute, 
     numbers (which it replaces)."""
     used = []
     backward = native.conv2d_taps_backward
-    monkeypatch.setattr(native, 'conv2d_taps_backward',
+    monkeypatch.setattr(native.taps, 'conv2d_taps_backward',
                         lambda *a, **k: used.append(k.get('stride')) or backward(*a, **k))
-    monkeypatch.setattr(native, 'MIN_MACS', 0)
+    monkeypatch.setattr(native.tuning, 'MIN_MACS', 0)
     results = []
     for max_cols in (native.TAPS_BACKWARD_MAX_COLS, 0):  # native, then per-sample oneDNN
-        monkeypatch.setattr(native, 'TAPS_BACKWARD_MAX_COLS', max_cols)
+        monkeypatch.setattr(native.tuning, 'TAPS_BACKWARD_MAX_COLS', max_cols)
         torch.manual_seed(0)
         layer = KWConv2d(16, 24, 3, stride=2, padding=1, recompute_kernels=recompute).train()
         set_temperature(layer, 0.3)

@@ -4,7 +4,7 @@ picks a path, and the threshold each reads, in one place.
 The thresholds themselves (all read at call time, so they can be tuned):
 
 =========================================  ===============================================
-``kw_mm.native.MIN_MACS``                  below it the native kernels' call overhead wins
+``kw_mm.native.tuning.MIN_MACS``           below it the native kernels' call overhead wins
 ``kw_mm.native.conv2d_taps_pays``          taps convolution beats oneDNN's (small maps)
 ``kw_mm.native.fused_pointwise_pays``      fused 1×1: assembly a large share of the work
 ``kw_mm.native.conv2d_taps_backward_pays`` native backward: few output columns per row
@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from ... import native
+from ...native import tuning
 from .geometry import ConvGeometry, pointwise_input, pointwise_positions
 
 #: the kernel basis may hold at most this many times the layer's warehouse (cell rows).
@@ -40,7 +41,7 @@ def native_batch_paths(x: torch.Tensor) -> bool:
     """Whether a single sample should take the batch paths: where kw_mm's
     native CPU kernels can run (float32 CPU, no autocast, tracing, functorch
     transform or forward-mode AD)."""
-    return x.device.type == 'cpu' and native.usable(x, x, native.MIN_MACS)
+    return x.device.type == 'cpu' and native.usable(x, x, tuning.MIN_MACS)
 
 
 def taps_macs(g: ConvGeometry, x: torch.Tensor) -> Optional[int]:
@@ -106,7 +107,7 @@ def native_backward_geometry(g: ConvGeometry, grad: torch.Tensor,
     taps convolution, where its backward runs natively (1×1 layers, at
     stride 1 on the positions they read; k×k ones where
     :func:`kw_mm.native.conv2d_taps_backward_pays`); else None."""
-    if grad.dtype != torch.float32 or not native.usable(grad, x, native.MIN_MACS):
+    if grad.dtype != torch.float32 or not native.usable(grad, x, tuning.MIN_MACS):
         return None
     if g.pointwise:
         return pointwise_input(g, x), (1, 1), (0, 0), (1, 1), (1, 1)

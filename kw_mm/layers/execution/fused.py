@@ -28,7 +28,7 @@ def run_fused(g: ConvGeometry, x: torch.Tensor, alpha: torch.Tensor,
         x, geometry = pointwise_input(g, x), POINTWISE_TAPS
     else:
         geometry = g.taps_geometry
-    return native.fused_conv2d_taps(x, alpha, cells, *geometry, cell_groups=g.cell_groups)
+    return native.fused.fused_conv2d_taps(x, alpha, cells, *geometry, cell_groups=g.cell_groups)
 
 
 def fused_mixture_grads(g: ConvGeometry, grad: torch.Tensor, x: torch.Tensor,
@@ -41,8 +41,8 @@ def fused_mixture_grads(g: ConvGeometry, grad: torch.Tensor, x: torch.Tensor,
         x, geometry = pointwise_input(g, x), POINTWISE_TAPS
     else:
         geometry = g.taps_geometry
-    return native.fused_kernel_grads(x, grad, alpha, cells, *geometry, g.cell_groups,
-                                     need_alpha, need_cells)
+    return native.fused.fused_kernel_grads(x, grad, alpha, cells, *geometry, g.cell_groups,
+                                           need_alpha, need_cells)
 
 
 class FusedKernelConv(torch.autograd.Function):

@@ -30,6 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ... import native
+from ...native import taps, tuning
 from ..recompute import hooks_unsupported
 from .conditions import native_backward_geometry, pointwise_native_applies, \
     strided_native_backward, taps_macs
@@ -61,14 +62,14 @@ def run_native_taps(g: ConvGeometry, x: torch.Tensor,
     strided mixtures; :func:`kw_mm.native.usable`)."""
     if g.pointwise:
         if not (mixed.is_contiguous() and pointwise_native_applies(g, x)
-                and native.usable(x, mixed, native.MIN_MACS)):
+                and native.usable(x, mixed, tuning.MIN_MACS)):
             return None
-        return native.conv2d_taps(pointwise_input(g, x), kernel_blocks(g, mixed),
-                                  (1, 1), (1, 1), (0, 0), (1, 1), g.cell_groups)
+        return taps.conv2d_taps(pointwise_input(g, x), kernel_blocks(g, mixed),
+                                (1, 1), (1, 1), (0, 0), (1, 1), g.cell_groups)
     macs = taps_macs(g, x)
     if macs is None or not mixed.is_contiguous() or not native.usable(x, mixed, macs):
         return None
-    return native.conv2d_taps(x, kernel_blocks(g, mixed), *g.taps_geometry, g.cell_groups)
+    return taps.conv2d_taps(x, kernel_blocks(g, mixed), *g.taps_geometry, g.cell_groups)
 
 
 def native_taps_backward(g: ConvGeometry, grad: torch.Tensor, x: torch.Tensor,
@@ -84,7 +85,7 @@ def native_taps_backward(g: ConvGeometry, grad: torch.Tensor, x: torch.Tensor,
     if geometry is None or not mixed.is_contiguous():
         return None
     kernels = kernel_blocks(g, mixed)
-    grad_x, grad_kernels = native.conv2d_taps_backward(
+    grad_x, grad_kernels = taps.conv2d_taps_backward(
         geometry[0], kernels, grad, *geometry[1:4], need_x, need_kernel,
         kernels if reuse_mixed else None, g.cell_groups, stride=geometry[4])
     if grad_x is not None and g.pointwise and not g.unit_stride:
