@@ -385,7 +385,9 @@ class _KWConvNd(_KWLayer):
 
     def _pointwise_positions(self, x: torch.Tensor) -> int:
         """How many positions of ``x`` a 1×1 layer reads per sample."""
-        return math.prod(-(-n // s) for n, s in zip(x.shape[2:], self.stride))
+        # a list, not a generator: torch.compile breaks the graph on a generator here,
+        # and the recompiles that follow make shapes dynamic, which Inductor fails on
+        return math.prod([-(-n // s) for n, s in zip(x.shape[2:], self.stride)])
 
     def apply_kernels_native_backward(self, grad: torch.Tensor, x: torch.Tensor,
                                       mixed: torch.Tensor, need_x: bool, need_kernel: bool,
