@@ -103,7 +103,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    return float(loss), [p.grad for p in model.parameters()]
+    return float(loss.detach()), [p.grad for p in model.parameters()]
 
 
 def set_tau(model: nn.Module, iteration: int, tau_iters: int) -> None:
@@ -142,8 +142,8 @@ def run_variant(name: str, data: Dict[str, torch.Tensor], args: argparse.Namespa
         loss64, g64 = gradients(model64, x64, y)
         if log:
             row = dict(iter=it, loss64=loss64, loss_diff=abs(loss32 - loss64),
-                       param=global_relative(list(model32.parameters()),
-                                             list(model64.parameters())),
+                       param=global_relative([p.detach() for p in model32.parameters()],
+                                             [p.detach() for p in model64.parameters()]),
                        grad=tensor_relative(g32, g64), step=tensor_relative(step32, g64))
             rows.append(row)
             print(f'{name:>6} {it:5d} {loss64:9.4f} {row["loss_diff"]:10.2e} '
