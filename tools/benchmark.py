@@ -221,13 +221,31 @@ def format_row(row: Dict) -> str:
             f"{row['b_spread_s'][0]:.3f}–{row['b_spread_s'][1]:.3f} | {row['ratio']:.2f}x | {mem} |")
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Stop with a usage error unless ``device`` is the CPU or a visible CUDA GPU."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ('cpu', 'cuda'):
+        parser.error(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if kind.type == 'cuda':
+        if not torch.cuda.is_available():
+            parser.error(f'--device {device}: CUDA is not available here '
+                         '(torch.cuda.is_available() is False)')
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            parser.error(f'--device {device}: only {torch.cuda.device_count()} CUDA '
+                         'device(s) visible')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('configs', nargs='*', help='two configs: A (e.g. KW) and B (baseline)')
     parser.add_argument('--suite', default='resnet50,resnet18,mobilenet_v2',
                         help=f'comma-separated pairs from {sorted(SUITES)} or "all"')
     parser.add_argument('--inputs', default='cls,det', help='cls, det or both')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help="'cpu', 'cuda' or 'cuda:N' (default: cuda where available)")
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--reps', type=int, default=6)
@@ -248,6 +266,7 @@ def main(argv=None):
                              'pair runs in a fresh one)')
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     torch.set_num_threads(args.threads)
     if args.no_malloc_tuning:  # also for the memory probes' subprocesses
         os.environ['KW_MM_MALLOC'] = '0'

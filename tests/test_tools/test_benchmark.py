@@ -1,12 +1,57 @@
-"""tools/benchmark.py end to end on tiny settings (batch 1, one repetition)."""
+"""tools/benchmark.py end to end on tiny settings (batch 1, one repetition),
+and its argument checks."""
+import importlib.util
 import json
 import os.path as osp
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from kw_mm.convert import REPO_ROOT
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'benchmark.py')
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location('benchmark_tool', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('device, message', [
+    ('gpu', "--device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ('meta', "--device must be 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
+    ('cuda:x', "--device must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+])
+def test_bad_device_is_a_usage_error(device, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(['--device', device, '--suite', 'resnet18'])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is available here')
+def test_cuda_device_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(['--device', 'cuda', '--suite', 'resnet18'])
+    assert exit_info.value.code == 2
+    assert '--device cuda: CUDA is not available here' in capsys.readouterr().err
+
+
+def test_cpu_device_is_accepted(monkeypatch):
+    """A valid device passes the check and reaches the measurement."""
+    tool = load_tool()
+    seen = {}
+
+    def fake_run(pairs, kinds, device, *args, **kwargs):
+        seen.update(pairs=pairs, kinds=kinds, device=device)
+        return []
+    monkeypatch.setattr(tool, 'run', fake_run)
+    tool.main(['--device', 'cpu', '--suite', 'resnet18', '--inputs', 'cls'])
+    assert seen == dict(pairs={'resnet18': tool.SUITES['resnet18']}, kinds=['cls'], device='cpu')
 
 
 def test_suite_pairs_each_measured_and_tabled(tmp_path):

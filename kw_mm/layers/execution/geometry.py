@@ -174,4 +174,6 @@ def pointwise_input(geometry: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
 
 def pointwise_positions(geometry: ConvGeometry, x: torch.Tensor) -> int:
     """How many positions of ``x`` a 1×1 layer reads per sample."""
-    return math.prod(-(-n // s) for n, s in zip(x.shape[2:], geometry.stride))
+    # a list, not a generator: torch.compile traces math.prod of a list without a graph
+    # break (a break makes it recompile per shape, with dynamic shapes Inductor rejects)
+    return math.prod([-(-n // s) for n, s in zip(x.shape[2:], geometry.stride)])
