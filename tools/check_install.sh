@@ -94,8 +94,8 @@ with open(tsv) as f:
         if line and not line.startswith('#'):
             key, shape = line.split('\t')
             shape = () if shape == 'scalar' else tuple(int(s) for s in shape.split('x'))
-            state[key] = (torch.zeros(shape, dtype=torch.long) if key.endswith('num_batches_tracked')
-                          else torch.randn(shape))
+            counter = key.endswith('num_batches_tracked')
+            state[key] = torch.zeros(shape, dtype=torch.long) if counter else torch.randn(shape)
 torch.save({'model': state}, 'released.pth')
 tool = osp.join(site, 'kw_mm', '.mim', 'tools', 'convert_official_kw.py')
 result = subprocess.run([sys.executable, tool, 'released.pth', 'converted.pth'],
@@ -121,6 +121,7 @@ half = sum(p.numel() for p in user.backbone.parameters())
 full = sum(p.numel() for p in model.backbone.parameters())
 assert half < full, (half, full)
 print(f"4. _base_ = 'kw_mm::kw_resnet/kw1x-resnet18_8xb32_in1k.py' with budget 0.5, 10 classes: "
-      f'backbone {half / 1e6:.2f}M parameters (1x: {full / 1e6:.2f}M), logits {tuple(logits.shape)}')
+      f'backbone {half / 1e6:.2f}M parameters (1x: {full / 1e6:.2f}M), '
+      f'logits {tuple(logits.shape)}')
 print('install check passed')
 EOF
