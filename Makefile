@@ -14,7 +14,7 @@ demo: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) tools/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -rs -p no:cacheprovider
 
 clean-demo:
 	rm -rf data/demo_shapes work_dirs/demo

@@ -9,7 +9,10 @@ from .engine import KWFinetuneHook, KWTemperatureHook
 from .layers import (KernelWarehouse, KWConv1d, KWConv2d, KWConv3d, KWLinear, get_temperature,
                      set_temperature)
 from .models import *  # noqa: F401,F403
+from .utils.config_paths import register_mim_package
 from .version import __version__
+
+register_mim_package()  # configs may inherit _base_ = 'kw_mm::<folder>/<config>.py'
 
 __all__ = [
     '__version__', 'set_temperature', 'get_temperature', 'KernelWarehouse', 'KWConv1d',

@@ -55,6 +55,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .utils.atomic_backend import write_atomically
+from .utils.config_paths import find_config
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -68,7 +69,7 @@ TASKS = ('classification', 'detection')
 class ReleasedModel:
     """A released model and the kw_mm config that builds it."""
     name: str
-    config: str  # relative to the repository root
+    config: str  # in the repository: configs/<folder>/<name>.py
     task: str = 'classification'  # one of TASKS
 
     def __post_init__(self) -> None:
@@ -77,7 +78,7 @@ class ReleasedModel:
 
     @property
     def config_path(self) -> str:
-        return osp.join(REPO_ROOT, self.config)
+        return find_config(f'kw_mm::{self.config}')  # a checkout's or the installed configs
 
 
 RELEASED_MODELS: Tuple[ReleasedModel, ...] = tuple(

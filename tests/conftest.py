@@ -4,14 +4,17 @@ import pytest
 import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SHARED = osp.join(osp.dirname(REPO), 'shared')
-REFERENCE = osp.join(SHARED, 'reference')
+#: the released models' layouts and the golden outputs of the authors' code
+#: (tests/data/README.md); shipped with the tests, so the fidelity tests always run
+REFERENCE = osp.join(REPO, 'tests', 'data')
 
 
 @pytest.fixture(scope='session')
 def reference_dir():
-    if not osp.isdir(REFERENCE):
-        pytest.skip(f'reference data not found at {REFERENCE}')
+    for sub in ('golden', 'released_state_dicts'):
+        if not osp.isdir(osp.join(REFERENCE, sub)):
+            raise FileNotFoundError(f'tests/data/{sub} is missing: the fidelity tests need the '
+                                    f'reference data shipped in tests/data (incomplete checkout?)')
     return REFERENCE
 
 
