@@ -44,7 +44,7 @@ from torch import nn
 
 from .layers import set_temperature
 from .layers.execution.export import export_mode
-from .utils.atomic_backend import write_atomically
+from .checkpoint.io import write_atomically
 
 #: the opset the exporter targets unless told otherwise
 DEFAULT_OPSET = 18
@@ -145,7 +145,7 @@ def build_exportable(config: str, checkpoint: Optional[str] = None, backbone_onl
         raise FileNotFoundError(f'config not found: {config}')
     if checkpoint is not None and not osp.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    from .convert import build_from_config
+    from .apis import build_from_config
     model = build_from_config(config, cfg_options=cfg_options)
     if checkpoint is not None:
         from mmengine.runner import load_checkpoint

@@ -13,7 +13,11 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
+from .checkpoint import CheckpointFileError, CheckpointMismatchError  # noqa: E402
 from .utils import check_dataset_paths, tune_cpu_allocator  # noqa: E402
+
+#: what the tools turn into one ``error: ...`` line and a non-zero exit
+USER_ERRORS = (FileNotFoundError, CheckpointFileError, CheckpointMismatchError)
 
 
 def apply_common_args(args, for_training: bool) -> Config:
@@ -46,7 +50,7 @@ def apply_common_args(args, for_training: bool) -> Config:
             else:
                 wrapper.dtype = 'bfloat16'
     if for_training:
-        # checkpoints are written atomically (kw_mm/utils/atomic_backend.py)
+        # checkpoints are written atomically (kw_mm/checkpoint/io.py)
         checkpoint_hook = cfg.setdefault('default_hooks', {}).setdefault(
             'checkpoint', dict(type='CheckpointHook', interval=1))
         if checkpoint_hook.get('backend_args') is None and not checkpoint_hook.get('out_dir'):
@@ -80,6 +84,25 @@ def build_runner(cfg: Config, check_loaders=('train_dataloader', 'val_dataloader
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def name_checkpoint(err: CheckpointMismatchError, cfg: Config) -> CheckpointMismatchError:
+    """``err`` with the checkpoint that ``load_from`` / resume was loading named.
+
+    The KW backbones refuse a checkpoint of another variant while it is
+    loaded, where the file name is unknown; ``init_cfg`` refusals already
+    name their file and are returned as they are.
+    """
+    text = str(err)
+    if text.startswith('init_cfg checkpoint'):
+        return err
+    if cfg.get('load_from'):
+        where = f'checkpoint {cfg.load_from}'
+    elif cfg.get('resume'):
+        where = f"the latest checkpoint in {cfg.get('work_dir')}"
+    else:
+        return err
+    return CheckpointMismatchError(f'{where}: {text}')
 
 
 def shutdown_distributed() -> None:

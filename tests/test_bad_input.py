@@ -19,7 +19,9 @@ the parameter, the value and what is allowed.
 | τ out of range | set_temperature(model, 1.5) | temperature must be in [0, 1], got 1.5 |
 | τ schedule length | KWTemperatureHook(epochs=0) | epochs must be a positive number ..., got epochs=0 |
 | converter: another layout | tests/test_tools/test_convert.py | matches none of the known released models ... tensors did not match |
-| init_cfg: another variant | tests/test_models/test_kw_resnet.py | does not fit this KWResNet; found vs expected: ... |
+| converter: unreadable SRC, unwritable DST | tests/test_tools/test_convert_bad_input.py (table) | checkpoint SRC ... is truncated or corrupt ... (one line, exit 2) |
+| checkpoint of another variant, any loading path | tests/test_checkpoint_variants.py (table) | ... holds ... kw1d4x_resnet18 ..., but this KWResNet is ... kw1x_resnet18 |
+| init_cfg: another variant | tests/test_models/test_kw_resnet.py | init_cfg checkpoint ...: the checkpoint does not fit this KWResNet ... |
 | dataset path missing | tests/test_tools/test_train_test_tools.py | dataset path(s) not found: ... data/coco/ |
 """
 import pytest

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from kw_mm.utils.allocator import tune_cpu_allocator  # noqa: E402
-from kw_mm.utils.atomic_backend import write_atomically  # noqa: E402
+from kw_mm.checkpoint.io import write_atomically  # noqa: E402
 
 SUITES = {
     'resnet50': ('configs/kw_resnet/kw1x-resnet50_8xb32_in1k.py',
@@ -58,7 +58,7 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def build(config: str, device: str, cfg_options: Optional[Dict] = None):
     from kw_mm import set_temperature
-    from kw_mm.convert import build_from_config
+    from kw_mm.apis import build_from_config
     model = build_from_config(osp.join(ROOT, config), cfg_options=cfg_options).to(device)
     set_temperature(model, 0.0)  # the trained state; τ does not change the cost
     return model

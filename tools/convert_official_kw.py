@@ -10,14 +10,27 @@ or mmdet 3.x checkpoint to DST (atomically), and prints as its last line the
 config, relative to the repository root, that builds that model:
 
     python tools/test.py $(python tools/convert_official_kw.py SRC DST | tail -1) DST
+
+Exit status: 0 on success; 1 when SRC is missing or is not a released model
+(the message lists the tensors that differ from the closest one); 2 when SRC
+cannot be read as a checkpoint or DST cannot be written (one line naming the
+file and the problem). SRC is never modified, and DST is either the complete
+new file or left as it was.
 """
 import argparse
 import os.path as osp
+import signal
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from kw_mm.convert import CheckpointMismatchError, convert_file  # noqa: E402
+from kw_mm.checkpoint import (CheckpointFileError, CheckpointMismatchError,  # noqa: E402
+                              convert_file)
+
+
+def _exit_on_sigterm(signum, frame):
+    # SystemExit unwinds the atomic write, which removes its temporary file
+    sys.exit(128 + signum)
 
 
 def main(argv=None):
@@ -30,6 +43,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         model = convert_file(args.src, args.dst, prefer_ema=args.ema)
+    except CheckpointFileError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     except (CheckpointMismatchError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
@@ -40,4 +56,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -11,7 +11,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from kw_mm.runner import apply_common_args, build_runner, shutdown_distributed  # noqa: E402
+from kw_mm.checkpoint import CheckpointMismatchError  # noqa: E402
+from kw_mm.runner import (USER_ERRORS, apply_common_args, build_runner,  # noqa: E402
+                          name_checkpoint, shutdown_distributed)
 
 
 def parse_args(argv=None):
@@ -38,7 +40,10 @@ def main(argv=None):
     cfg = apply_common_args(args, for_training=False)
     cfg.load_from = args.checkpoint
     runner = build_runner(cfg, check_loaders=('test_dataloader',))
-    metrics = runner.test()
+    try:  # a checkpoint of another variant is refused while it loads
+        metrics = runner.test()
+    except CheckpointMismatchError as err:
+        raise name_checkpoint(err, cfg) from None
     shutdown_distributed()
     return metrics
 
@@ -46,5 +51,5 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except FileNotFoundError as err:
+    except USER_ERRORS as err:
         sys.exit(f'error: {err}')

@@ -12,7 +12,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from kw_mm.runner import apply_common_args, build_runner, shutdown_distributed  # noqa: E402
+from kw_mm.checkpoint import CheckpointMismatchError  # noqa: E402
+from kw_mm.runner import (USER_ERRORS, apply_common_args, build_runner,  # noqa: E402
+                          name_checkpoint, shutdown_distributed)
 
 
 def parse_args(argv=None):
@@ -40,12 +42,15 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = apply_common_args(args, for_training=True)
     runner = build_runner(cfg, check_loaders=('train_dataloader', 'val_dataloader'))
-    runner.train()
+    try:  # a checkpoint of another variant is refused while it loads
+        runner.train()
+    except CheckpointMismatchError as err:
+        raise name_checkpoint(err, cfg) from None
     shutdown_distributed()
 
 
 if __name__ == '__main__':
     try:
         main()
-    except FileNotFoundError as err:
+    except USER_ERRORS as err:
         sys.exit(f'error: {err}')

@@ -36,7 +36,7 @@ from torch import nn
 from ..layers.attention import KWAttention
 from ..layers.partition import ZERO_CELL
 from ..layers.warehouse import KernelWarehouse
-from ..utils.atomic_backend import write_atomically
+from ..checkpoint.io import write_atomically
 
 #: size of one warehouse's panel in the figure, in inches (width, height).
 PANEL_SIZE = (7.0, 5.0)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 
 SCRIPT = osp.join(REPO_ROOT, 'tools', 'gpu_check.sh')
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from mmengine.logging import MessageHub
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 from kw_mm.engine import KWMemoryHook
 
 

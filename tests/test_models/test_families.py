@@ -9,7 +9,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import init_default_scope
 
 from kw_mm import set_temperature
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 
 # (classification config, detection config, backbone overrides that shrink it)
 FAMILIES = {

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kw_mm import set_temperature
-from kw_mm.convert import (REPO_ROOT, RELEASED_MODELS, build_from_config, compare_shapes,
+from kw_mm.apis import build_from_config
+from kw_mm.checkpoint import (REPO_ROOT, RELEASED_MODELS, compare_shapes,
                            identify, official_to_mmpretrain)
 from kw_mm.models.backbones import KWConvNeXt
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from kw_mm import KWConv2d, KWLinear, set_temperature
-from kw_mm.convert import (REPO_ROOT, RELEASED_MODELS, build_from_config, identify,
+from kw_mm.apis import build_from_config
+from kw_mm.checkpoint import (REPO_ROOT, RELEASED_MODELS, identify,
                            official_to_mmpretrain)
 from kw_mm.layers.partition import ZERO_CELL
 from kw_mm.models.backbones import KWMobileNetV2

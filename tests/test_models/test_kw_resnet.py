@@ -87,7 +87,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_pretrained_of_another_variant_is_refused(tmp_path):
-    from kw_mm.convert import CheckpointMismatchError
+    from kw_mm.checkpoint import CheckpointMismatchError
     source = KWResNet(18, kw_cfg=dict(budget=2))
     path = tmp_path / 'kw2x.pth'
     torch.save({'state_dict': {'backbone.' + k: v for k, v in source.state_dict().items()}}, path)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'benchmark.py')
 

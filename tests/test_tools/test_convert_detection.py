@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from kw_mm.convert import REPO_ROOT, build_from_config
+from kw_mm.apis import build_from_config
+from kw_mm.checkpoint import REPO_ROOT
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'convert_official_kw.py')
 

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 from kw_mm.demo.shapes import make_shapes_classification
 
 PROBE = '''

@@ -13,7 +13,7 @@ pytest.importorskip('onnxscript')
 onnxruntime = pytest.importorskip('onnxruntime')
 
 from kw_mm import KWConv1d, KWConv3d, KWLinear, set_temperature  # noqa: E402
-from kw_mm.convert import REPO_ROOT  # noqa: E402
+from kw_mm.checkpoint import REPO_ROOT  # noqa: E402
 from kw_mm.export import (BackboneForExport, ExportDependencyError,  # noqa: E402
                           ExportVerificationError, build_exportable, export_and_verify,
                           require_export_dependencies)

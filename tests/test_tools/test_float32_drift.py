@@ -5,7 +5,7 @@ import os.path as osp
 
 import pytest
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'analysis_tools', 'float32_drift.py')
 

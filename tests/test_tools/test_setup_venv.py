@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 
 
 def run_setup(tmp_path, need_gb):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 from kw_mm.demo.shapes import make_shapes_dataset
 
 CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'mask_rcnn_kw_r50_shapes.py')
@@ -71,7 +71,7 @@ def test_safe_loading_refuses_other_getattr(tmp_path):
 def test_atomic_backend_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     import os
 
-    from kw_mm.utils import AtomicLocalBackend
+    from kw_mm.checkpoint import AtomicLocalBackend
     backend = AtomicLocalBackend()
     target = tmp_path / 'epoch_1.pth'
     backend.put(b'complete', target)

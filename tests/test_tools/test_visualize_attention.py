@@ -15,7 +15,7 @@ from kw_mm import KWConv2d, KWLinear, set_temperature
 from kw_mm.analysis import (NoKWLayersError, collect_attention_maps, render_attention_maps,
                             save_attention_arrays)
 from kw_mm.analysis.attention_maps import PANEL_SIZE
-from kw_mm.convert import REPO_ROOT
+from kw_mm.checkpoint import REPO_ROOT
 from kw_mm.layers import KernelShape, KernelWarehouse, plan_warehouse
 from kw_mm.layers.partition import ZERO_CELL
 from kw_mm.models.backbones import KWResNet

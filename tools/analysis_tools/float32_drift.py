@@ -213,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
         results[name] = run_variant(name, data, args)
         print(f'# {name}: {time.perf_counter() - start:.0f} s', flush=True)
     if args.json:
-        from kw_mm.utils.atomic_backend import write_atomically
+        from kw_mm.checkpoint.io import write_atomically
         payload = json.dumps(dict(settings={k: v for k, v in vars(args).items()},
                                   results=results), indent=1)
         write_atomically(args.json, lambda f: f.write(payload.encode()))

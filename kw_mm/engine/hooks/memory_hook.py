@@ -9,7 +9,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ...utils.atomic_backend import write_atomically
+from ...checkpoint.io import write_atomically
 from ...utils.memory import malloc_heap_mib, proc_status_kib
 
 

@@ -7,6 +7,7 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...checkpoint.verify import CheckpointMismatchError, check_state_dict_fits
 from ...layers.kw_conv import _KWLayer
 
 
@@ -60,41 +61,6 @@ def pretrained_cfg(init_cfg):
     return None
 
 
-def check_pretrained(module: nn.Module, init_cfg) -> None:
-    """Refuse a ``Pretrained`` checkpoint whose KW tensors do not fit ``module``.
-
-    mmengine loads pretrained weights non-strictly and only logs mismatches,
-    so a checkpoint of another KW variant (another budget, depth or family)
-    would leave the warehouses at their random initialisation without a
-    clear sign. This check runs first and raises, naming what was found and
-    what was expected.
-    """
-    cfg = pretrained_cfg(init_cfg)
-    if cfg is None or not cfg.get('checkpoint'):
-        return
-    from mmengine.runner.checkpoint import CheckpointLoader
-
-    from ...convert import CheckpointMismatchError, compare_shapes
-    checkpoint = CheckpointLoader.load_checkpoint(cfg['checkpoint'], map_location='cpu')
-    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else {}
-    prefix = cfg.get('prefix')
-    if prefix:
-        prefix = prefix if prefix.endswith('.') else prefix + '.'
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    found = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, 'shape')}
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    kw_keys = {k for k in expected if k.startswith('warehouses.') or '.attention.' in k}
-    problems = compare_shapes({k: v for k, v in found.items() if k in expected},
-                              {k: v for k, v in expected.items() if k in found or k in kw_keys})
-    if problems:
-        problems.sort(key=lambda p: 'warehouses.' not in p)  # the telling ones first
-        shown = '\n  '.join(problems[:12])
-        more = f'\n  ... and {len(problems) - 12} more' if len(problems) > 12 else ''
-        raise CheckpointMismatchError(
-            f"init_cfg checkpoint {cfg['checkpoint']!r} (prefix {cfg.get('prefix')!r}) does not "
-            f'fit this {type(module).__name__}; found vs expected:\n  {shown}{more}')
-
-
 def reset_kw_attentions(module: nn.Module) -> None:
     """Give every KW layer in ``module`` its own attention initialisation back.
 
@@ -108,9 +74,17 @@ def reset_kw_attentions(module: nn.Module) -> None:
 
 
 class KWBaseBackbone(BaseModule):
-    """What the KW backbones share: the pretrained-checkpoint check, the
-    attentions' own initialisation after mmengine's, and ``train()`` that
+    """What the KW backbones share: refusing checkpoints of another variant,
+    the attentions' own initialisation after mmengine's, and ``train()`` that
     re-applies ``frozen_stages`` and ``norm_eval``.
+
+    Every state dict loaded into the backbone, whatever the path (torch's
+    ``load_state_dict``, mmengine's ``load_checkpoint`` and ``load_state_dict``
+    with ``strict=False``, ``load_from``, resume, ``init_cfg`` ``Pretrained``,
+    the EMA copy), goes through ``_load_from_state_dict``; there the backbone's
+    entries are checked by :func:`~kw_mm.checkpoint.verify.check_state_dict_fits`
+    before anything is copied. mmengine would only log the mismatches and
+    leave the convolutions random.
 
     Subclasses implement ``_freeze_stages`` and may set ``self.norm_eval``.
     """
@@ -120,10 +94,23 @@ class KWBaseBackbone(BaseModule):
     def _freeze_stages(self) -> None:
         raise NotImplementedError
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        check_state_dict_fits(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def init_weights(self) -> None:
-        check_pretrained(self, self.init_cfg)
-        super().init_weights()
-        if pretrained_cfg(self.init_cfg) is None:
+        cfg = pretrained_cfg(self.init_cfg)
+        try:
+            super().init_weights()
+        except CheckpointMismatchError as err:
+            if cfg is None:
+                raise
+            raise CheckpointMismatchError(
+                f"init_cfg checkpoint {cfg.get('checkpoint')!r} (prefix {cfg.get('prefix')!r}): "
+                f'{err}') from None
+        if cfg is None:
             reset_kw_attentions(self)
 
     def train(self, mode: bool = True):

@@ -8,7 +8,7 @@ independently from their configs, so this head owns that warehouse: its
 (``head.fc.warehouse.cells``). That is exactly the authors' model, because
 no other layer draws from the classifier's warehouse (its cells and β walk
 start at 0 either way); only the parameter's name differs, which
-:mod:`kw_mm.convert` maps (the authors' last warehouse is the classifier's).
+:mod:`kw_mm.checkpoint.convert` maps (the authors' last warehouse is the classifier's).
 """
 from __future__ import annotations
 

@@ -48,84 +48,15 @@ task, built on the meta device from its config.
 """
 from __future__ import annotations
 
+import argparse
 import os.path as osp
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .utils.atomic_backend import write_atomically
-from .utils.config_paths import find_config
-
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-#: the tasks of the released models: ImageNet classification (mmpretrain) and
-#: COCO detection / instance segmentation with Mask R-CNN (mmdet)
-TASKS = ('classification', 'detection')
-
-
-@dataclass(frozen=True)
-class ReleasedModel:
-    """A released model and the kw_mm config that builds it."""
-    name: str
-    config: str  # in the repository: configs/<folder>/<name>.py
-    task: str = 'classification'  # one of TASKS
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f'task must be one of {TASKS}, got {self.task!r}')
-
-    @property
-    def config_path(self) -> str:
-        return find_config(f'kw_mm::{self.config}')  # a checkout's or the installed configs
-
-
-RELEASED_MODELS: Tuple[ReleasedModel, ...] = tuple(
-    ReleasedModel(name, f'configs/kw_resnet/{cfg}')
-    for name, cfg in (
-        ('kw1d4x_resnet18', 'kw1d4x-resnet18_8xb32_in1k.py'),
-        ('kw1d2x_resnet18', 'kw1d2x-resnet18_8xb32_in1k.py'),
-        ('kw1x_resnet18', 'kw1x-resnet18_8xb32_in1k.py'),
-        ('kw2x_resnet18', 'kw2x-resnet18_8xb32_in1k.py'),
-        ('kw4x_resnet18', 'kw4x-resnet18_8xb32_in1k.py'),
-        ('kw1d2x_resnet50', 'kw1d2x-resnet50_8xb32_in1k.py'),
-        ('kw1x_resnet50', 'kw1x-resnet50_8xb32_in1k.py'),
-        ('kw4x_resnet50', 'kw4x-resnet50_8xb32_in1k.py'),
-    ))
-RELEASED_MODELS += (
-    ReleasedModel('kw1x_convnext_tiny', 'configs/kw_convnext/kw1x-convnext-tiny_32xb128_in1k.py'),
-)
-RELEASED_MODELS += tuple(
-    ReleasedModel(name, f'configs/kw_mobilenet_v2/{cfg}')
-    for name, cfg in (
-        ('kw1d2x_mobilenetv2_050', 'kw1d2x-mobilenet-v2-w0.5_8xb32_in1k.py'),
-        ('kw1x_mobilenetv2_050', 'kw1x-mobilenet-v2-w0.5_8xb32_in1k.py'),
-        ('kw4x_mobilenetv2_050', 'kw4x-mobilenet-v2-w0.5_8xb32_in1k.py'),
-        ('kw1d2x_mobilenetv2_100', 'kw1d2x-mobilenet-v2_8xb32_in1k.py'),
-        ('kw1x_mobilenetv2_100', 'kw1x-mobilenet-v2_8xb32_in1k.py'),
-        ('kw4x_mobilenetv2_100', 'kw4x-mobilenet-v2_8xb32_in1k.py'),
-    ))
-
-#: the authors' released Mask R-CNN models (mmdet 2.x, named after their configs
-#: ``mask_rcnn_<name>_adamw_1x_coco.py``) and the kw_mm configs with the same model
-#: and the same training recipe (AdamW, multi-scale + crop, 1x).
-RELEASED_DETECTION_MODELS: Tuple[ReleasedModel, ...] = tuple(
-    ReleasedModel(name, f'configs/mask_rcnn/{cfg}', 'detection')
-    for name, cfg in (
-        ('mask_rcnn_kw1x_resnet50', 'mask-rcnn_kw1x-resnet50_fpn_paper-ms-crop-1x_coco.py'),
-        ('mask_rcnn_kw4x_resnet50', 'mask-rcnn_kw4x-resnet50_fpn_paper-ms-crop-1x_coco.py'),
-        ('mask_rcnn_kw1x_mobilenetv2_100',
-         'mask-rcnn_kw1x-mobilenet-v2_fpn_paper-ms-crop-1x_coco.py'),
-        ('mask_rcnn_kw4x_mobilenetv2_100',
-         'mask-rcnn_kw4x-mobilenet-v2_fpn_paper-ms-crop-1x_coco.py'),
-        ('mask_rcnn_kw1x_convnext_tiny',
-         'mask-rcnn_kw1x-convnext-t_fpn_paper-ms-crop-1x_coco.py'),
-    ))
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not match the model it was expected to be."""
+from .io import check_writable_destination, read_checkpoint_file, write_checkpoint_file
+from .released import RELEASED_DETECTION_MODELS, ReleasedModel
+from .verify import CheckpointMismatchError, identify
 
 
 def extract_state_dict(checkpoint: Mapping, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -291,87 +222,17 @@ def official_detection_to_mmdet(state_dict: Mapping[str, torch.Tensor],
     return out
 
 
-def build_from_config(config_path: str, device: str = 'cpu',
-                      cfg_options: Optional[Mapping] = None) -> torch.nn.Module:
-    """Build the model of an mmpretrain or mmdet config (on ``device``; 'meta' is cheap).
-
-    ``cfg_options`` (``--cfg-options``) are merged into the config first.
-    """
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    cfg = Config.fromfile(config_path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if 'model' not in cfg:
-        raise ValueError(f'config {config_path} defines no `model`')
-    import kw_mm  # noqa: F401  (registers the KW modules)
-    scope = cfg.get('default_scope', 'mmpretrain')
-    if scope not in ('mmpretrain', 'mmdet'):
-        raise ValueError(f"config {config_path} has default_scope={scope!r}; only 'mmpretrain' "
-                         f"and 'mmdet' configs are supported")
-    init_default_scope(scope)
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    with torch.device(device):
-        return registry.build(cfg.model)
-
-
-def _shapes(state: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def compare_shapes(found: Mapping[str, Tuple[int, ...]],
-                   expected: Mapping[str, Tuple[int, ...]]) -> List[str]:
-    """Human-readable differences between two key → shape tables."""
-    problems = []
-    for key in sorted(set(expected) - set(found)):
-        problems.append(f'missing {key} {list(expected[key])}')
-    for key in sorted(set(found) - set(expected)):
-        problems.append(f'unexpected {key} {list(found[key])}')
-    for key in sorted(set(found) & set(expected)):
-        if found[key] != expected[key]:
-            problems.append(f'{key}: found {list(found[key])}, expected {list(expected[key])}')
-    return problems
-
-
-def identify(converted: Mapping[str, torch.Tensor],
-             candidates: Sequence[ReleasedModel] = RELEASED_MODELS) -> ReleasedModel:
-    """The released model whose tensors all match ``converted`` by name and shape."""
-    if not candidates:
-        raise ValueError('candidates must name at least one released model, got none')
-    found = _shapes(converted)
-    best: Optional[Tuple[int, ReleasedModel, List[str]]] = None
-    for candidate in candidates:
-        expected = _shapes(build_from_config(candidate.config_path, 'meta').state_dict())
-        problems = compare_shapes(found, expected)
-        if not problems:
-            return candidate
-        if best is None or len(problems) < best[0]:
-            best = (len(problems), candidate, problems)
-    _, closest, problems = best
-    shown = '\n  '.join(problems[:15])
-    more = f'\n  ... and {len(problems) - 15} more' if len(problems) > 15 else ''
-    raise CheckpointMismatchError(
-        f'the checkpoint matches none of the known released models '
-        f'({", ".join(c.name for c in candidates)}). Closest is {closest.name} '
-        f'({closest.config}); these tensors did not match:\n  {shown}{more}')
-
-
 def load_checkpoint_file(src: str) -> Mapping:
-    """The contents of a released checkpoint file, loaded safely (weights_only)."""
-    if not osp.isfile(src):
-        raise FileNotFoundError(f'checkpoint SRC not found: {src}')
-    import argparse
-    import pickle
-    try:
-        # the authors' training checkpoints also hold their argparse options
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(src, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointMismatchError(
-            f'{src} holds objects that safe loading (weights_only=True) refuses: {first_line}. '
-            'Save just its state dict (torch.save(ckpt["model"], path), or ckpt["state_dict"] '
-            'for a detection checkpoint) and convert that.')
+    """The contents of a released checkpoint file, loaded safely (weights_only).
+
+    Raises :class:`FileNotFoundError` for a missing file and
+    :class:`~kw_mm.checkpoint.io.CheckpointFileError`, naming the file and the
+    problem, for one that is empty, truncated, not a PyTorch file or holds
+    objects that safe loading refuses.
+    """
+    # the authors' training checkpoints also hold their argparse options
+    return read_checkpoint_file(src, extra_safe_globals=[argparse.Namespace],
+                                role='checkpoint SRC')
 
 
 def _dataset_meta(checkpoint: Mapping) -> Optional[Dict[str, tuple]]:
@@ -389,8 +250,20 @@ def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
     An mmdet 2.x detection checkpoint (see :func:`checkpoint_task`) becomes an
     mmdet 3.x one for the matching ``RELEASED_DETECTION_MODELS`` config, any
     other file an mmpretrain one for the matching ``RELEASED_MODELS`` config.
-    DST holds ``{'state_dict': ..., 'meta': {...}}`` and is written atomically.
+    DST holds ``{'state_dict': ..., 'meta': {...}}`` and is written atomically:
+    a failed or killed conversion leaves DST as it was, and the temporary file
+    of a killed one is removed by the next conversion to DST.
+
+    Raises:
+        FileNotFoundError: SRC does not exist.
+        CheckpointFileError: SRC cannot be read as a checkpoint (empty,
+            truncated, not a PyTorch file, unsafe objects), or DST cannot be
+            written (SRC itself, a directory, under a file, a folder without
+            write permission, a failed write). Checked before any conversion
+            work for DST.
+        CheckpointMismatchError: SRC is not one of the released models.
     """
+    check_writable_destination(dst, protect=[src], role='output DST')
     checkpoint = load_checkpoint_file(src)
     task = checkpoint_task(checkpoint)
     meta: Dict[str, object] = dict(source=osp.basename(src), converter='kw_mm.convert',
@@ -412,5 +285,14 @@ def convert_file(src: str, dst: str, prefer_ema: bool = False) -> ReleasedModel:
         model = identify(converted)
     meta.update(released_model=model.name, config=model.config)
     # atomic: a crash mid-write never leaves a truncated file under DST
-    write_atomically(dst, lambda f: torch.save(dict(state_dict=converted, meta=meta), f))
+    write_checkpoint_file(dst, dict(state_dict=converted, meta=meta), role='output DST')
     return model
+
+
+__all__ = [
+    'DETECTION_PREFIXES', 'KW_CLASSIFIER_PREFIX', 'UNUSED_DETECTION_PREFIXES', 'checkpoint_task',
+    'convert_file', 'extract_detection_state_dict', 'extract_state_dict',
+    'is_detection_state_dict', 'kw_classifier_warehouse', 'load_checkpoint_file',
+    'official_backbone_entries', 'official_detection_to_mmdet', 'official_to_mmpretrain',
+    'unused_detection_keys'
+]

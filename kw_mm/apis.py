@@ -1,0 +1,33 @@
+"""Building models from kw_mm's (mmpretrain or mmdet) configs."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+
+def build_from_config(config_path: str, device: str = 'cpu',
+                      cfg_options: Optional[Mapping] = None) -> torch.nn.Module:
+    """Build the model of an mmpretrain or mmdet config (on ``device``; 'meta' is cheap).
+
+    ``cfg_options`` (``--cfg-options``) are merged into the config first.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    cfg = Config.fromfile(config_path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if 'model' not in cfg:
+        raise ValueError(f'config {config_path} defines no `model`')
+    import kw_mm  # noqa: F401  (registers the KW modules)
+    scope = cfg.get('default_scope', 'mmpretrain')
+    if scope not in ('mmpretrain', 'mmdet'):
+        raise ValueError(f"config {config_path} has default_scope={scope!r}; only 'mmpretrain' "
+                         f"and 'mmdet' configs are supported")
+    init_default_scope(scope)
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    with torch.device(device):
+        return registry.build(cfg.model)
+
+
+__all__ = ['build_from_config']
