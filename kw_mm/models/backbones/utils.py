@@ -7,7 +7,7 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...layers.kw_conv import _KWLayer
+from ...layers.kw_conv import KWLayer
 
 
 def check_out_indices(out_indices, num_stages: int, name: str = 'out_indices') -> Tuple[int, ...]:
@@ -47,7 +47,7 @@ def freeze_modules(modules: Iterable[nn.Module]) -> None:
         for param in module.parameters():
             param.requires_grad = False
         for layer in module.modules():
-            if isinstance(layer, _KWLayer):
+            if isinstance(layer, KWLayer):
                 layer.kw_warehouse.cells.requires_grad = False
 
 
@@ -103,7 +103,7 @@ def reset_kw_attentions(module: nn.Module) -> None:
     layers; backbones call this after ``super().init_weights()``.
     """
     for layer in module.modules():
-        if isinstance(layer, _KWLayer):
+        if isinstance(layer, KWLayer):
             layer.attention.reset_parameters()
 
 
