@@ -140,7 +140,8 @@ class WarehouseBuilder:
         return spec
 
     def conv(self, name: str, in_channels: int, out_channels: int, kernel_size, stride=1,
-             padding=0, dilation=1, groups: int = 1, bias: bool = False, ndim: int = 2) -> nn.Module:
+             padding=0, dilation=1, groups: int = 1, bias: bool = False,
+             ndim: int = 2) -> nn.Module:
         """A KW convolution when ``name`` is a KW layer, a plain one otherwise."""
         spec = self._spec(name)
         if spec is None:
@@ -151,7 +152,8 @@ class WarehouseBuilder:
                                    options=self.options,
                                    warehouse=self._by_key[self._key_of[name]], name=name)
 
-    def linear(self, name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    def linear(self, name: str, in_features: int, out_features: int,
+               bias: bool = True) -> nn.Module:
         """A KW linear layer when ``name`` is a KW layer, ``nn.Linear`` otherwise."""
         spec = self._spec(name)
         if spec is None:

@@ -63,14 +63,15 @@ class KWLayer(nn.Module):
             self.warehouse = KernelWarehouse(plan)
         else:
             if not isinstance(warehouse, KernelWarehouse):
-                raise TypeError(f'warehouse must be a KernelWarehouse, got {type(warehouse).__name__}')
+                raise TypeError(f'warehouse must be a KernelWarehouse, got '
+                                f'{type(warehouse).__name__}')
             # Not registered: the backbone owns the warehouse (see module docstring).
             object.__setattr__(self, '_shared_warehouse', warehouse)
         plan = self.kw_warehouse.plan
         layer_plan = plan.layer(kernel.name)
         if layer_plan.kernel != kernel:
-            raise ValueError(f'layer {kernel.name!r} was planned as {layer_plan.kernel} but is built '
-                             f'as {kernel}')
+            raise ValueError(f'layer {kernel.name!r} was planned as {layer_plan.kernel} but is '
+                             f'built as {kernel}')
         self.layer_plan: LayerPlan = layer_plan
         self.attention = KWAttention(
             # without sharing, a mixture's attention row covers its own cells only
