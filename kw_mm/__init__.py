@@ -6,8 +6,8 @@ mmpretrain configs (``custom_imports=dict(imports=['kw_mm'])``).
 """
 from . import checkpoint  # noqa: F401  (safe loading of mmengine checkpoints)
 from .engine import KWFinetuneHook, KWTemperatureHook
-from .layers import (KernelWarehouse, KWConv1d, KWConv2d, KWConv3d, KWLinear, get_temperature,
-                     set_temperature)
+from .layers import (KernelWarehouse, KWConv1d, KWConv2d, KWConv3d, KWLinear, KWOptions,
+                     get_temperature, set_temperature)
 from .models import *  # noqa: F401,F403
 from .utils.config_paths import register_mim_package
 from .version import __version__
@@ -16,5 +16,5 @@ register_mim_package()  # configs may inherit _base_ = 'kw_mm::<folder>/<config>
 
 __all__ = [
     '__version__', 'set_temperature', 'get_temperature', 'KernelWarehouse', 'KWConv1d',
-    'KWConv2d', 'KWConv3d', 'KWLinear', 'KWTemperatureHook', 'KWFinetuneHook'
+    'KWConv2d', 'KWConv3d', 'KWLinear', 'KWOptions', 'KWTemperatureHook', 'KWFinetuneHook'
 ]

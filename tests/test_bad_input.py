@@ -8,6 +8,14 @@ the parameter, the value and what is allowed.
 | budget gives zero cells | 1×1 16→16 layer at b = 1/2, full-gcd cells | budget=0.5 gives zero cells ... at least 1/1 |
 | channels do not partition | cell_in_ratio=0.25 over 6 input channels | cell_in_ratio=0.25 does not give a whole number of channels |
 | groups do not divide | KWConv2d(6, 8, 3, groups=4) | ... must both be divisible by groups=4 |
+| padding string unknown | KWConv2d(..., padding='bogus' / 'SAME' / 'full') | padding must be 'same', 'valid', ..., got 'bogus' |
+| 'same' padding, strided | KWConv2d(..., padding='same', stride=2) | padding='same' needs stride 1 ..., got stride=(2, 2) |
+| stride not positive | KWConv2d(..., stride=0) | stride must be a positive int ..., got 0 |
+| dilation not positive | KWConv2d(..., dilation=(1, 0)) | dilation must be a positive int ..., got (1, 0) |
+| padding negative | KWConv2d(..., padding=-1) | padding must be an int >= 0 ..., got -1 |
+| layer τ out of range | KWConv2d(..., temperature=nan / -0.5 / 1.5) | temperature must be in [0, 1], got nan |
+| attention width zero | KWConv2d(..., reduction=0) / (min_hidden=0) | reduction must be a positive finite number ..., got 0 |
+| unknown layer option | KWConv2d(..., budgte=1) | KWConv2d() got unexpected keyword argument(s) ['budgte']; its KW options are [...] |
 | unknown kw_cfg key (typo) | kw_cfg=dict(budgte=1) | kw_cfg has unknown key(s) ['budgte']; allowed keys are [...] |
 | unknown sharing range | kw_cfg=dict(sharing='stages') | kw_cfg.sharing must be one of ('stage', 'block', 'layer', 'none'), got 'stages' |
 | whole-kernel cells over mixed shapes | kw_cfg=dict(kernel_partition=False) | kernel_partition=False needs ... equal kernel shapes ..., got layer1.0.conv1: 64x64x3x3, ... |
@@ -44,6 +52,33 @@ CASES = [
      r'cell_in_ratio=0\.25 does not give a whole number of channels'),
     ('groups do not divide', lambda: KWConv2d(6, 8, 3, groups=4),
      r'in_channels=6 and out_channels=8 must both be divisible by groups=4'),
+    ('padding string unknown', lambda: KWConv2d(8, 8, 3, padding='bogus'),
+     r"padding must be 'same', 'valid', an int >= 0 or a tuple of 2 such ints, got 'bogus'"),
+    ('padding string upper case', lambda: KWConv2d(8, 8, 3, padding='SAME'),
+     r"padding must be 'same', 'valid', .*got 'SAME'"),
+    ('padding string full', lambda: KWConv2d(8, 8, 3, padding='full'),
+     r"padding must be 'same', 'valid', .*got 'full'"),
+    ("'same' padding, strided", lambda: KWConv2d(8, 8, 3, padding='same', stride=2),
+     r"padding='same' needs stride 1 .*got stride=\(2, 2\)"),
+    ('stride not positive', lambda: KWConv2d(8, 8, 3, stride=0),
+     r'stride must be a positive int or a tuple of 2 such ints, got 0'),
+    ('dilation not positive', lambda: KWConv2d(8, 8, 3, dilation=(1, 0)),
+     r'dilation must be a positive int .*got \(1, 0\)'),
+    ('padding negative', lambda: KWConv2d(8, 8, 3, padding=-1),
+     r'padding must be an int >= 0 .*got -1'),
+    ('layer temperature nan', lambda: KWConv2d(8, 8, 3, temperature=float('nan')),
+     r'temperature must be in \[0, 1\], got nan'),
+    ('layer temperature negative', lambda: KWConv2d(8, 8, 3, temperature=-0.5),
+     r'temperature must be in \[0, 1\], got -0\.5'),
+    ('layer temperature above 1', lambda: KWConv2d(8, 8, 3, temperature=1.5),
+     r'temperature must be in \[0, 1\], got 1\.5'),
+    ('attention reduction zero', lambda: KWConv2d(8, 8, 3, reduction=0, min_hidden=0),
+     r'reduction must be a positive finite number .*got 0'),
+    ('attention min_hidden zero', lambda: KWConv2d(8, 8, 3, min_hidden=0),
+     r'min_hidden must be a positive int .*got 0'),
+    ('unknown layer option', lambda: KWConv2d(8, 8, 3, budgte=1),
+     r"KWConv2d\(\) got unexpected keyword argument\(s\) \['budgte'\]; its KW options are "
+     r"\['budget'"),
     ('unknown kw_cfg key', lambda: KWResNet(18, kw_cfg=dict(budgte=1)),
      r"kw_cfg has unknown key\(s\) \['budgte'\]; allowed keys are \[.*'budget'"),
     ('unknown sharing range', lambda: KWResNet(18, kw_cfg=dict(sharing='stages')),

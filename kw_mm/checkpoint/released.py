@@ -5,6 +5,8 @@ import os.path as osp
 from dataclasses import dataclass
 from typing import Tuple
 
+from ..utils.config_paths import find_config
+
 #: the folder holding kw_mm's ``configs/`` (the repository root in a checkout)
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 

@@ -21,15 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import ATTENTION_FUNCTIONS, ATTENTION_NORMS, KWOptions  # noqa: F401
 from .partition import ZERO_CELL, LayerPlan
 
 #: the constant the authors add to CAF's denominator (keeps all-zero logits finite).
 CAF_EPS = 1e-3
-
-ATTENTION_NORMS = ('BN', 'LN')
-
-#: attention functions of the paper's Table 8 ('caf' is the paper's CAF)
-ATTENTION_FUNCTIONS = ('caf', 'softmax', 'sigmoid', 'relu_norm')
 
 
 class _BatchNorm1dAnyBatch(nn.BatchNorm1d):
@@ -56,39 +52,28 @@ class KWAttention(nn.Module):
     Args:
         in_channels (int): Input channels of the layer.
         layer_plan (LayerPlan): The layer's partition and β assignment.
-        num_cells (int): Cells ``n`` in the layer's warehouse.
-        budget (float): The warehouse's budget (used by the non-local basis).
-        reduction (float): Hidden width as a fraction of ``in_channels``.
-            Defaults to 1/16.
-        min_hidden (int): Smallest hidden width. Defaults to 16.
-        norm (str): ``'BN'`` (BatchNorm1d) or ``'LN'`` (LayerNorm).
-            Defaults to ``'BN'``.
-        nonlocal_basis_ratio (float): When > 0, logits of the cells outside
-            the layer's own range come from a low-rank basis (released
-            ResNet50 1/2x). Defaults to 0 (off).
-        temperature (float): Initial τ. Defaults to 1.
-        attention_fn (str): How each mixture's row of ``n + 1`` logits
-            becomes attentions (paper Table 8): ``'caf'`` z / Σ|z|,
-            ``'softmax'``, ``'sigmoid'``, ``'relu_norm'`` max(z, 0) / Σ|z|.
-            Every function is mixed with τ·β the same way. Defaults to 'caf'.
-        init (str): β (paper Table 13): ``'one_to_one'`` (the plan's
-            assignment), ``'all_to_one'`` (every cell), ``'n_to_one'`` (the
-            int(b) cells from the plan's one), ``'one_to_n'`` (the plan
-            assigns shared cells), or ``'none'`` (no τ·β term at all:
-            α = f(z) whatever τ). Defaults to the plan's strategy.
+        num_cells (int): Cells ``n`` each mixture attends to (the warehouse's,
+            or a mixture's own without sharing).
+        budget (float): The warehouse's budget (used by the non-local basis
+            and ``init='n_to_one'``). Defaults to 1.
+        init (str, optional): The warehouse's β strategy (see
+            :class:`~kw_mm.layers.options.KWOptions`): ``'all_to_one'`` and
+            ``'n_to_one'`` set several cells per row here, ``'none'`` drops
+            the τ·β term (α = f(z) whatever τ). Defaults to 'one_to_one'.
+        options (KWOptions, optional): ``reduction``, ``min_hidden``,
+            ``norm``, ``nonlocal_basis_ratio``, ``temperature`` (initial τ)
+            and ``attention_fn`` are read from it. Defaults to
+            ``KWOptions()``.
     """
 
     def __init__(self, in_channels: int, layer_plan: LayerPlan, num_cells: int,
-                 budget: float = 1.0, reduction: float = 1 / 16, min_hidden: int = 16,
-                 norm: str = 'BN', nonlocal_basis_ratio: float = 0.0,
-                 temperature: float = 1.0, attention_fn: str = 'caf',
-                 init: Optional[str] = None) -> None:
+                 budget: float = 1.0, init: Optional[str] = None,
+                 options: Optional[KWOptions] = None) -> None:
         super().__init__()
-        if norm not in ATTENTION_NORMS:
-            raise ValueError(f'norm must be one of {ATTENTION_NORMS}, got {norm!r}')
-        if attention_fn not in ATTENTION_FUNCTIONS:
-            raise ValueError(f'attention_fn must be one of {ATTENTION_FUNCTIONS}, '
-                             f'got {attention_fn!r}')
+        options = KWOptions() if options is None else options
+        attention_fn, norm = options.attention_fn, options.norm
+        reduction, min_hidden = options.reduction, options.min_hidden
+        nonlocal_basis_ratio, temperature = options.nonlocal_basis_ratio, options.temperature
         self.attention_fn = attention_fn
         self.init = init or 'one_to_one'
         self.num_mixtures = layer_plan.num_mixtures

@@ -20,7 +20,7 @@ warehouse (deepcopy's memo maps the shared object once).
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,58 +33,49 @@ from .execution.dispatch import conv_forward
 from .execution.export import is_exporting
 from .execution.geometry import CONV_FUNCTIONS, ConvGeometry, conv_geometry, mixture_to_kernel
 from .execution.kernel_basis import KernelBasisCache
+from .options import SHARING_KEYS, IntOrTuple, KWOptions, conv_arguments, layer_options
 from .partition import KernelShape, LayerPlan, plan_warehouse
 from .recompute import run_with_kernel
 from .warehouse import KernelWarehouse
 
-IntOrTuple = Union[int, Sequence[int]]
 
 
-def _tuple(value: IntOrTuple, ndim: int, name: str) -> Tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * ndim
-    value = tuple(value)
-    if len(value) != ndim or not all(isinstance(v, int) for v in value):
-        raise ValueError(f'{name} must be an int or a tuple of {ndim} ints, got {value!r}')
-    return value
+class KWLayer(nn.Module):
+    """What KW convolutions and the KW linear layer share: a warehouse (owned
+    or shared), the attention, and the assembly of per-sample kernels.
 
-
-class _KWLayer(nn.Module):
-    """Shared machinery of KW convolutions and the KW linear layer."""
+    Attributes:
+        kw_options (KWOptions): The options the layer was built with.
+        recompute_kernels (bool): ``kw_options.recompute_kernels``; may be
+            changed on a built layer.
+    """
 
     ndim: int = 2
 
     def _setup_kw(self, kernel: KernelShape, in_channels: int,
-                  warehouse: Optional[KernelWarehouse], budget: float,
-                  reduction: float, min_hidden: int, cell_in_ratio: Optional[float],
-                  cell_out_ratio: Optional[float], norm: str,
-                  nonlocal_basis_ratio: float, temperature: float, attention_fn: str = 'caf',
-                  init: str = 'one_to_one', kernel_partition: bool = True,
-                  recompute_kernels: bool = True) -> None:
-        if not isinstance(recompute_kernels, bool):
-            raise ValueError(f'recompute_kernels must be True or False, got {recompute_kernels!r}')
-        self.recompute_kernels = recompute_kernels
+                  warehouse: Optional[KernelWarehouse], options: KWOptions) -> None:
+        self.kw_options = options
+        self.recompute_kernels = options.recompute_kernels
         if warehouse is None:
-            plan = plan_warehouse([kernel], budget, cell_in_ratio, cell_out_ratio, init,
-                                  kernel_partition)
+            plan = plan_warehouse([kernel], options.budget, options.cell_in_ratio,
+                                  options.cell_out_ratio, options.init, options.kernel_partition)
             self.warehouse = KernelWarehouse(plan)
         else:
             if not isinstance(warehouse, KernelWarehouse):
-                raise TypeError(f'warehouse must be a KernelWarehouse, got {type(warehouse).__name__}')
+                raise TypeError(f'warehouse must be a KernelWarehouse, got '
+                                f'{type(warehouse).__name__}')
             # Not registered: the backbone owns the warehouse (see module docstring).
             object.__setattr__(self, '_shared_warehouse', warehouse)
         plan = self.kw_warehouse.plan
         layer_plan = plan.layer(kernel.name)
         if layer_plan.kernel != kernel:
-            raise ValueError(f'layer {kernel.name!r} was planned as {layer_plan.kernel} but is built '
-                             f'as {kernel}')
+            raise ValueError(f'layer {kernel.name!r} was planned as {layer_plan.kernel} but is '
+                             f'built as {kernel}')
         self.layer_plan: LayerPlan = layer_plan
         self.attention = KWAttention(
             # without sharing, a mixture's attention row covers its own cells only
             in_channels, layer_plan, plan.private_cells or plan.num_cells, budget=plan.budget,
-            reduction=reduction, min_hidden=min_hidden, norm=norm,
-            nonlocal_basis_ratio=nonlocal_basis_ratio, temperature=temperature,
-            attention_fn=attention_fn, init=plan.init)
+            init=plan.init, options=options)
 
     @property
     def kw_warehouse(self) -> KernelWarehouse:
@@ -128,49 +119,49 @@ class _KWLayer(nn.Module):
         return self.mixture_to_kernel(self.mix_cells(alpha))
 
 
-class _KWConvNd(_KWLayer):
+class _KWConvNd(KWLayer):
+    """KernelWarehouse counterpart of ``torch.nn.Conv{1,2,3}d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+        groups, bias, padding_mode: As ``torch.nn.Conv2d``, checked as it
+            does (``padding`` an int, a tuple, ``'same'`` (stride 1 only) or
+            ``'valid'``; ``padding_mode`` must be ``'zeros'``).
+        options (KWOptions, optional): The KW options; defaults to
+            ``KWOptions()``.
+        warehouse (KernelWarehouse, optional): A shared warehouse whose plan
+            includes a layer called ``name``; when None the layer owns one,
+            planned from ``options`` (``budget``, cell ratios, ``init``,
+            ``kernel_partition``).
+        name (str, optional): The layer's name in the warehouse plan.
+        device, dtype: As ``torch.nn.Conv2d``.
+        **kw_options: Any option of :class:`~kw_mm.layers.options.KWOptions`
+            but ``sharing`` and ``share_across_shapes`` (e.g. ``budget=2``),
+            overriding ``options``; how ``mmcv.cnn.build_conv_layer(dict(
+            type='KWConv2d', budget=2), ...)`` passes them.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple,
                  stride: IntOrTuple = 1, padding: Union[IntOrTuple, str] = 0,
                  dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', *, budget: float = 1.0,
-                 reduction: float = 1 / 16, min_hidden: int = 16,
-                 cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
-                 norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
-                 attention_fn: str = 'caf', init: str = 'one_to_one',
-                 kernel_partition: bool = True, recompute_kernels: bool = True,
-                 inference_basis: bool = True,
+                 padding_mode: str = 'zeros', *, options: Optional[KWOptions] = None,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, **kw_options: Any) -> None:
         super().__init__()
-        if not isinstance(inference_basis, bool):
-            raise ValueError(f'inference_basis must be True or False, got {inference_basis!r}')
-        self.inference_basis = inference_basis
-        nd = self.ndim
-        for label, value in (('in_channels', in_channels), ('out_channels', out_channels),
-                             ('groups', groups)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f'{label} must be a positive int, got {value!r}')
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f'in_channels={in_channels} and out_channels={out_channels} must both '
-                             f'be divisible by groups={groups}')
-        if padding_mode != 'zeros':
-            raise ValueError(f"padding_mode must be 'zeros' for KW convolutions, got {padding_mode!r}")
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_arguments(
+            self.ndim, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode)
+        options = layer_options(type(self).__name__, options, kw_options)
+        self.inference_basis = options.inference_basis
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _tuple(kernel_size, nd, 'kernel_size')
-        self.stride = _tuple(stride, nd, 'stride')
-        self.padding = padding if isinstance(padding, str) else _tuple(padding, nd, 'padding')
-        self.dilation = _tuple(dilation, nd, 'dilation')
         self.groups = groups
         self.padding_mode = padding_mode
         self.transposed = False
-        self.output_padding = (0,) * nd
+        self.output_padding = (0,) * self.ndim
         kernel = KernelShape(name or type(self).__name__, out_channels, in_channels // groups,
                              self.kernel_size)
-        self._setup_kw(kernel, in_channels, warehouse, budget, reduction, min_hidden,
-                       cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
-                       attention_fn, init, kernel_partition, recompute_kernels)
+        self._setup_kw(kernel, in_channels, warehouse, options)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -225,47 +216,10 @@ class KWConv1d(_KWConvNd):
 class KWConv2d(_KWConvNd):
     """KernelWarehouse counterpart of :class:`torch.nn.Conv2d`.
 
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation,
-        groups, bias, padding_mode: As :class:`torch.nn.Conv2d`
-            (``padding_mode`` must be ``'zeros'``).
-        budget (float): Parameter budget b of a private warehouse.
-            Defaults to 1.
-        reduction (float): Attention hidden width / in_channels. Defaults to 1/16.
-        min_hidden (int): Smallest attention hidden width. Defaults to 16.
-        cell_in_ratio (float, optional): Cell input channels / gcd. Defaults
-            to 1 for b ≥ 1 and 1/2 below.
-        cell_out_ratio (float, optional): Same for output channels.
-        norm (str): Attention norm, ``'BN'`` or ``'LN'``. Defaults to ``'BN'``.
-        nonlocal_basis_ratio (float): Low-rank attention over other layers'
-            cells (released ResNet50 1/2x). Defaults to 0.
-        temperature (float): Initial τ. Defaults to 1 (start of training).
-        attention_fn (str): 'caf' (default), 'softmax', 'sigmoid' or
-            'relu_norm' (paper Table 8 ablation).
-        init (str): β strategy of a private warehouse: 'one_to_one'
-            (default), 'all_to_one', 'none', 'n_to_one' (b ≥ 2) or
-            'one_to_n' (b < 1) (paper Table 13 ablation).
-        kernel_partition (bool): ``False`` makes the private warehouse hold
-            ``int(b)`` whole kernels mixed by one attention row (vanilla
-            dynamic convolution, e.g. DY-Conv with b = 4; paper §3.5).
-            Defaults to True.
-        recompute_kernels (bool): While training, rebuild the per-sample
-            kernels in the backward pass instead of keeping them: saves
-            ``B ×`` the layer's kernel in memory for one extra assembly (on
-            CPU the forward then runs fused where that applies, never storing
-            them; ResNet50 at batch 8: peak memory 1.0x instead of 1.65x the
-            plain model's, the training step about 5% slower). Defaults to
-            True; False keeps them.
-        inference_basis (bool): In inference on CPU, mix each sample's kernels
-            from a cached basis of ``m·(d + 2)`` cell-sized rows (d: the
-            attention's hidden width) instead of the warehouse's n cells, where
-            that at most halves the work and the basis is at most 1.25× the
-            warehouse (:mod:`kw_mm.layers.basis`; ResNet50's third stage:
-            17–18 rows instead of 138, about 350 MB of bases for the model).
-            Defaults to True.
-        warehouse (KernelWarehouse, optional): A shared warehouse whose plan
-            includes a layer called ``name``; when None the layer owns one.
-        name (str, optional): The layer's name in the warehouse plan.
+    Takes the arguments of ``torch.nn.Conv2d`` (``padding_mode`` must be
+    ``'zeros'``) and the KW options of
+    :class:`~kw_mm.layers.options.KWOptions`, as an ``options`` object or as
+    keywords (``KWConv2d(8, 16, 3, padding=1, budget=2)``); see ``_KWConvNd``.
     """
     ndim = 2
 
@@ -277,7 +231,7 @@ class KWConv3d(_KWConvNd):
 
 
 @MODELS.register_module()
-class KWLinear(_KWLayer):
+class KWLinear(KWLayer):
     """KernelWarehouse counterpart of :class:`torch.nn.Linear`.
 
     The same machinery as a 1-d convolution with kernel size 1 over a
@@ -288,29 +242,32 @@ class KWLinear(_KWLayer):
         in_features (int): Input features.
         out_features (int): Output features.
         bias (bool): Whether to add a learnt bias. Defaults to True.
-        **kw: The KW options of :class:`KWConv2d` (budget, reduction, ...,
-            warehouse, name).
+        options (KWOptions, optional): The KW options (``inference_basis``,
+            a convolution option, is ignored); defaults to ``KWOptions()``.
+        warehouse (KernelWarehouse, optional): A shared warehouse whose plan
+            includes a layer called ``name``; when None the layer owns one.
+        name (str, optional): The layer's name in the warehouse plan.
+        device, dtype: As ``torch.nn.Linear``.
+        **kw_options: KW options as keywords (``budget=0.5``), overriding
+            ``options``; not ``sharing``, ``share_across_shapes`` or
+            ``inference_basis``.
     """
     ndim = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 budget: float = 1.0, reduction: float = 1 / 16, min_hidden: int = 16,
-                 cell_in_ratio: Optional[float] = None, cell_out_ratio: Optional[float] = None,
-                 norm: str = 'BN', nonlocal_basis_ratio: float = 0.0, temperature: float = 1.0,
-                 attention_fn: str = 'caf', init: str = 'one_to_one',
-                 kernel_partition: bool = True, recompute_kernels: bool = True,
+                 options: Optional[KWOptions] = None,
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, **kw_options: Any) -> None:
         super().__init__()
         for label, value in (('in_features', in_features), ('out_features', out_features)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f'{label} must be a positive int, got {value!r}')
         self.in_features = in_features
         self.out_features = out_features
+        options = layer_options('KWLinear', options, kw_options,
+                                excluded=SHARING_KEYS + ('inference_basis',))
         kernel = KernelShape(name or 'KWLinear', out_features, in_features, (1,))
-        self._setup_kw(kernel, in_features, warehouse, budget, reduction, min_hidden,
-                       cell_in_ratio, cell_out_ratio, norm, nonlocal_basis_ratio, temperature,
-                       attention_fn, init, kernel_partition, recompute_kernels)
+        self._setup_kw(kernel, in_features, warehouse, options)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kw_mm import KWConv2d, set_temperature
-from kw_mm.layers.kw_conv import _KWLayer
+from kw_mm.layers import KWLayer, KWOptions
 from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2, KWResNet
 
 #: ResNet18's classifier (512 → 1000), counted in the paper's Params column.
@@ -17,7 +17,7 @@ def count(module):
 
 
 def kw_layers(model):
-    return [m for m in model.modules() if isinstance(m, _KWLayer)]
+    return [m for m in model.modules() if isinstance(m, KWLayer)]
 
 
 def meta_resnet(depth=18, **kw_cfg):
@@ -86,9 +86,9 @@ def test_without_sharing_a_mixture_ignores_other_cells():
 
 
 def meta_free_private_layer():
-    from kw_mm.layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
-    cfg = parse_kw_cfg(dict(budget=2, sharing='none'))
-    builder = WarehouseBuilder([LayerSpec('conv', 8, 8, (3, 3), 'stage')], cfg)
+    from kw_mm.layers.builder import LayerSpec, WarehouseBuilder
+    options = KWOptions(budget=2, sharing='none')
+    builder = WarehouseBuilder([LayerSpec('conv', 8, 8, (3, 3), 'stage')], options)
     return builder.conv('conv', 8, 8, 3, padding=1)
 
 
@@ -96,7 +96,7 @@ def test_block_sharing_follows_residual_blocks():
     model = meta_resnet(sharing='block')
     groups = {}
     for name, module in model.named_modules():
-        if isinstance(module, _KWLayer):
+        if isinstance(module, KWLayer):
             groups.setdefault(id(module.kw_warehouse), []).append(name)
     assert ['layer1.1.conv1', 'layer1.1.conv2'] in groups.values()
     # the first conv of a stage keeps to its reassigned stage, the shortcut is apart

@@ -22,7 +22,8 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.registry import MODELS
 from torch import nn
 
-from ...layers.builder import PER_WAREHOUSE_KEYS, LayerSpec, WarehouseBuilder, parse_kw_cfg
+from ...layers.builder import LayerSpec, WarehouseBuilder
+from ...layers.options import PER_WAREHOUSE_KEYS, KWOptions
 from .utils import KWBaseBackbone, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWConvNeXt` can build (see its docstring).
@@ -158,10 +159,11 @@ class KWConvNeXt(KWBaseBackbone):
         arch (str | dict): 'atto', 'femto', 'pico', 'nano', 'tiny', 'small',
             'base', 'large', 'xlarge' or 'huge', or a dict with ``depths`` and
             ``channels``. Defaults to 'tiny'.
-        kw_cfg (dict, optional): KW options as for ``KWResNet`` (``budget``,
-            ``reduction``, ``min_hidden``, ``cell_in_ratio``,
-            ``cell_out_ratio``, ``norm`` (default here 'LN'), ``temperature``).
-            ``None`` builds plain convolutions. Defaults to ``dict(budget=1)``.
+        kw_cfg (dict, optional): The KW options, any of
+            :class:`~kw_mm.layers.KWOptions` (which documents each one and
+            its default; ``norm`` defaults to 'LN' here); kept as
+            ``self.kw_options``. ``None`` builds plain convolutions.
+            Defaults to ``dict(budget=1)``.
         kw_layout (str): 'released' or 'paper'. Defaults to 'released'.
         kw_warehouses (dict, optional): Per-warehouse overrides of
             ``budget`` / ``cell_in_ratio`` / ``cell_out_ratio``, keyed by
@@ -239,18 +241,16 @@ class KWConvNeXt(KWBaseBackbone):
         self.out_indices = check_out_indices(out_indices, self.num_stages)
         self.frozen_stages = frozen_stages
         self.gap_before_final_norm = gap_before_final_norm
-        if kw_cfg is not None:
-            if not isinstance(kw_cfg, Mapping):
-                raise TypeError(f'kw_cfg must be a dict or None, got {type(kw_cfg).__name__}')
-            kw_cfg = dict(dict(norm='LN'), **kw_cfg)
-        self.kw_cfg = parse_kw_cfg(kw_cfg)
+        self.kw_options = KWOptions.from_kw_cfg(kw_cfg, defaults=dict(norm='LN'))
+        self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
 
         specs = convnext_kw_layout(self.depths, self.channels, in_channels, stem_patch_size,
                                    mlp_ratio, kw_layout)
         per_warehouse = self._per_warehouse(specs, kw_warehouses)
-        builder = WarehouseBuilder(specs if self.kw_cfg else [], self.kw_cfg or {},
-                                   per_warehouse=per_warehouse if self.kw_cfg else None)
-        if self.kw_cfg:
+        builder = WarehouseBuilder(specs if self.kw_options else [],
+                                   self.kw_options or KWOptions(),
+                                   per_warehouse=per_warehouse if self.kw_options else None)
+        if self.kw_options:
             self.warehouses = builder.warehouses
 
         conv = builder.conv
@@ -303,8 +303,8 @@ class KWConvNeXt(KWBaseBackbone):
                        ) -> Dict[Hashable, Dict[str, Any]]:
         names = list(dict.fromkeys(spec.warehouse for spec in specs))
         overrides: Dict[Hashable, Dict[str, Any]] = {}
-        if (self.kw_cfg and self.kw_layout == 'paper'
-                and math.isclose(self.kw_cfg['budget'], 0.75)):
+        if (self.kw_options and self.kw_layout == 'paper'
+                and math.isclose(self.kw_options.budget, 0.75)):
             overrides = {name: dict(budget=1.0) for name in names}
             for name, options in paper_3_4x_overrides(self.depths).items():
                 overrides[name].update(options)

@@ -27,7 +27,8 @@ from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.registry import MODELS
 from torch import nn
 
-from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
+from ...layers.builder import LayerSpec, WarehouseBuilder
+from ...layers.options import KWOptions
 from .utils import KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWMobileNetV2` can build (see its docstring).
@@ -253,12 +254,11 @@ class KWMobileNetV2(KWBaseBackbone):
     Args:
         widen_factor (float): Channel multiplier (released: 1.0 and 0.5).
             Defaults to 1.0.
-        kw_cfg (dict, optional): KW options: ``budget`` (b, default 1),
-            ``reduction`` (1/16; the released b = 1/2 models use 1/32),
-            ``min_hidden`` (16), ``cell_in_ratio`` / ``cell_out_ratio``
-            (1 for b ≥ 1, 1/2 below), ``norm`` ('BN'), ``temperature``
-            (initial τ, 1). ``None`` builds plain convolutions.
-            Defaults to ``dict(budget=1)``.
+        kw_cfg (dict, optional): The KW options, any of
+            :class:`~kw_mm.layers.KWOptions` (which documents each one and
+            its default; the released b = 1/2 models use
+            ``reduction=1/32``); kept as ``self.kw_options``. ``None``
+            builds plain convolutions. Defaults to ``dict(budget=1)``.
         kw_layout (str, optional): One of ``KW_LAYOUTS``; None picks the
             released layout of the budget (:func:`default_kw_layout`).
             Defaults to None.
@@ -306,18 +306,19 @@ class KWMobileNetV2(KWBaseBackbone):
         self.out_indices = check_out_indices(out_indices, self.num_stages)
         self.frozen_stages = check_frozen_stages(frozen_stages, self.num_stages)
         self.norm_eval = norm_eval
-        self.kw_cfg = parse_kw_cfg(kw_cfg)
-        self.kw_layout = (None if self.kw_cfg is None else
-                          kw_layout or default_kw_layout(self.kw_cfg['budget']))
+        self.kw_options = KWOptions.from_kw_cfg(kw_cfg)
+        self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
+        self.kw_layout = (None if self.kw_options is None else
+                          kw_layout or default_kw_layout(self.kw_options.budget))
 
         stem, blocks, last = block_settings(self.widen_factor)
-        if self.kw_cfg:
+        if self.kw_options:
             specs, overrides = mobilenet_v2_kw_layout(self.widen_factor, self.kw_layout,
                                                       in_channels)
-            builder = WarehouseBuilder(specs, self.kw_cfg, per_warehouse=overrides)
+            builder = WarehouseBuilder(specs, self.kw_options, per_warehouse=overrides)
             self.warehouses = builder.warehouses
         else:
-            builder = WarehouseBuilder([], {})
+            builder = WarehouseBuilder([], KWOptions())
 
         features: List[nn.Module] = [ConvNormAct(
             builder.conv('features.0.0', in_channels, stem, 3, stride=2, padding=1),

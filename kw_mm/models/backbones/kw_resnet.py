@@ -9,7 +9,8 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.registry import MODELS
 from torch import nn
 
-from ...layers.builder import LayerSpec, WarehouseBuilder, parse_kw_cfg
+from ...layers.builder import LayerSpec, WarehouseBuilder
+from ...layers.options import KWOptions
 from .utils import (KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules,
                     pretrained_cfg)
 
@@ -136,11 +137,11 @@ class KWResNet(KWBaseBackbone):
 
     Args:
         depth (int): 18, 34, 50, 101 or 152.
-        kw_cfg (dict, optional): KW options: ``budget`` (b, default 1),
-            ``reduction`` (1/16), ``min_hidden`` (16), ``cell_in_ratio`` /
-            ``cell_out_ratio`` (1 for b ≥ 1, 1/2 below), ``norm`` ('BN'),
-            ``nonlocal_basis_ratio`` (0), ``temperature`` (initial τ, 1).
-            ``None`` builds plain convolutions. Defaults to ``dict(budget=1)``.
+        kw_cfg (dict, optional): The KW options, any of
+            :class:`~kw_mm.layers.KWOptions` (which documents each one and
+            its default), e.g. ``dict(budget=0.5)``; kept as
+            ``self.kw_options``. ``None`` builds plain convolutions.
+            Defaults to ``dict(budget=1)``.
         in_channels (int): Input image channels. Defaults to 3.
         stem_channels (int): Stem output channels. Defaults to 64.
         base_channels (int): Planes of the first stage. Defaults to 64.
@@ -203,13 +204,15 @@ class KWResNet(KWBaseBackbone):
         self.frozen_stages = check_frozen_stages(frozen_stages, num_stages)
         self.norm_eval = norm_eval
         self.zero_init_residual = zero_init_residual
-        self.kw_cfg = parse_kw_cfg(kw_cfg)
+        self.kw_options = KWOptions.from_kw_cfg(kw_cfg)
+        self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
 
         block, _ = self.arch_settings[depth]
         specs, stage_blocks = resnet_kw_layout(depth, stem_channels, base_channels,
                                                num_stages, strides)
-        builder = WarehouseBuilder(specs if self.kw_cfg else [], self.kw_cfg or {})
-        if self.kw_cfg:
+        builder = WarehouseBuilder(specs if self.kw_options else [],
+                                   self.kw_options or KWOptions())
+        if self.kw_options:
             self.warehouses = builder.warehouses
 
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False)

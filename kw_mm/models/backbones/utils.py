@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...checkpoint.verify import CheckpointMismatchError, check_state_dict_fits
-from ...layers.kw_conv import _KWLayer
+from ...layers import KWLayer
 
 
 def check_out_indices(out_indices, num_stages: int, name: str = 'out_indices') -> Tuple[int, ...]:
@@ -48,7 +48,7 @@ def freeze_modules(modules: Iterable[nn.Module]) -> None:
         for param in module.parameters():
             param.requires_grad = False
         for layer in module.modules():
-            if isinstance(layer, _KWLayer):
+            if isinstance(layer, KWLayer):
                 layer.kw_warehouse.cells.requires_grad = False
 
 
@@ -69,7 +69,7 @@ def reset_kw_attentions(module: nn.Module) -> None:
     layers; backbones call this after ``super().init_weights()``.
     """
     for layer in module.modules():
-        if isinstance(layer, _KWLayer):
+        if isinstance(layer, KWLayer):
             layer.attention.reset_parameters()
 
 

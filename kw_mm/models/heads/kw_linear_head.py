@@ -8,7 +8,7 @@ independently from their configs, so this head owns that warehouse: its
 (``head.fc.warehouse.cells``). That is exactly the authors' model, because
 no other layer draws from the classifier's warehouse (its cells and β walk
 start at 0 either way); only the parameter's name differs, which
-:mod:`kw_mm.checkpoint.convert` maps (the authors' last warehouse is the classifier's).
+:mod:`kw_mm.convert` maps (the authors' last warehouse is the classifier's).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from mmengine.registry import MODELS
 from mmpretrain.models.heads import ClsHead
 from torch import nn
 
-from ...layers.builder import parse_kw_cfg
 from ...layers.kw_conv import KWLinear
+from ...layers.options import KWOptions
 
 
 @MODELS.register_module()
@@ -36,16 +36,16 @@ class KWLinearClsHead(ClsHead):
     Args:
         num_classes (int): Number of classes.
         in_channels (int): Channels of the input feature.
-        kw_cfg (dict, optional): KW options of the classifier's own
-            warehouse: ``budget`` (default 1), ``reduction`` (1/16),
-            ``min_hidden`` (16), ``cell_in_ratio`` / ``cell_out_ratio``
-            (fractions of ``in_channels`` / ``num_classes``; 1 for b ≥ 1,
-            1/2 below), ``norm`` ('BN'), ``temperature`` (initial τ, 1). The
-            released MobileNetV2 1/2x uses ``dict(budget=0.5,
-            reduction=1/32, cell_in_ratio=0.025, cell_out_ratio=1)``
-            (1000 × 32 cells for 1280 input channels). ``None`` gives a
-            plain ``nn.Linear`` (then the head is ``LinearClsHead`` with
-            dropout). Defaults to ``dict(budget=1)``.
+        kw_cfg (dict, optional): The KW options of the classifier and its
+            own warehouse, any of :class:`~kw_mm.layers.KWOptions` (which
+            documents each one and its default; the cell ratios are
+            fractions of ``in_channels`` / ``num_classes``; ``sharing``
+            cannot be 'none'; ``inference_basis`` does not apply); kept as
+            ``self.kw_options``. The released MobileNetV2 1/2x uses
+            ``dict(budget=0.5, reduction=1/32, cell_in_ratio=0.025,
+            cell_out_ratio=1)`` (1000 × 32 cells for 1280 input channels).
+            ``None`` gives a plain ``nn.Linear`` (then the head is
+            ``LinearClsHead`` with dropout). Defaults to ``dict(budget=1)``.
         dropout (float): Dropout probability before the classifier.
             Defaults to 0.
         init_cfg (dict, optional): mmengine init config. Defaults to None:
@@ -63,26 +63,24 @@ class KWLinearClsHead(ClsHead):
         if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                 or not 0 <= dropout < 1):
             raise ValueError(f'dropout must be a number in [0, 1), got {dropout!r}')
-        parsed = parse_kw_cfg(kw_cfg)
-        if init_cfg is None and parsed is None:
+        options = KWOptions.from_kw_cfg(kw_cfg)
+        if init_cfg is None and options is None:
             init_cfg = dict(type='Normal', layer='Linear', std=0.01)
         super().__init__(init_cfg=init_cfg, **kwargs)
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.kw_cfg = parsed
+        self.kw_options = options
+        self.kw_cfg = None if options is None else options.as_dict()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if parsed is None:
+        if options is None:
             self.fc: nn.Module = nn.Linear(in_channels, num_classes)
         else:
             # The head owns its warehouse, so every sharing range short of 'none'
             # means the same thing here.
-            options = dict(parsed)
-            if options.pop('sharing') == 'none':
+            if options.sharing == 'none':
                 raise ValueError("kw_cfg.sharing='none' is not supported by KWLinearClsHead "
                                  "(its single layer owns its warehouse); use 'layer'")
-            options.pop('share_across_shapes')
-            options.pop('inference_basis')  # a convolution option (the kernel basis)
-            self.fc = KWLinear(in_channels, num_classes, bias=True, name='fc', **options)
+            self.fc = KWLinear(in_channels, num_classes, bias=True, name='fc', options=options)
 
     def pre_logits(self, feats: Tuple[torch.Tensor]) -> torch.Tensor:
         """The feature of the last stage (as ``LinearClsHead``)."""
