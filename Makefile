@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kw_mm_ready
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test lint venv clean-demo
 
 $(STAMP):
 	bash tools/setup_venv.sh
@@ -15,6 +15,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -rs -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean-demo:
 	rm -rf data/demo_shapes work_dirs/demo

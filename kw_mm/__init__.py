@@ -6,8 +6,16 @@ mmpretrain configs (``custom_imports=dict(imports=['kw_mm'])``).
 """
 from . import checkpoint  # noqa: F401  (safe loading of mmengine checkpoints)
 from .engine import KWFinetuneHook, KWTemperatureHook
-from .layers import (KernelWarehouse, KWConv1d, KWConv2d, KWConv3d, KWLinear, KWOptions,
-                     get_temperature, set_temperature)
+from .layers import (
+                     KernelWarehouse,
+                     KWConv1d,
+                     KWConv2d,
+                     KWConv3d,
+                     KWLinear,
+                     KWOptions,
+                     get_temperature,
+                     set_temperature,
+)
 from .models import *  # noqa: F401,F403
 from .utils.config_paths import register_mim_package
 from .version import __version__

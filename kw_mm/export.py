@@ -42,9 +42,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .checkpoint.io import write_atomically
 from .layers import set_temperature
 from .layers.execution.export import export_mode
-from .checkpoint.io import write_atomically
 
 #: the opset the exporter targets unless told otherwise
 DEFAULT_OPSET = 18

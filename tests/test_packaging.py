@@ -134,8 +134,9 @@ def test_find_config_refuses_unknown_and_ambiguous_names(tmp_path, monkeypatch):
 
 
 def test_importing_kw_mm_lets_mmengine_resolve_kw_mm_bases():
-    import kw_mm  # noqa: F401
     from mmengine.config.utils import MODULE2PACKAGE, _get_package_and_cfg_path
+
+    import kw_mm  # noqa: F401
     assert MODULE2PACKAGE['kw_mm'] == 'kw_mm'
     assert _get_package_and_cfg_path('kw_mm::kw_resnet/kw1x-resnet18_8xb32_in1k.py') == (
         'kw_mm', 'kw_resnet/kw1x-resnet18_8xb32_in1k.py')

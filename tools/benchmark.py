@@ -37,8 +37,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from kw_mm.utils.allocator import tune_cpu_allocator  # noqa: E402
 from kw_mm.checkpoint.io import write_atomically  # noqa: E402
+from kw_mm.utils.allocator import tune_cpu_allocator  # noqa: E402
 
 SUITES = {
     'resnet50': ('configs/kw_resnet/kw1x-resnet50_8xb32_in1k.py',
@@ -138,7 +138,8 @@ def peak_memory(config: str, kind: str, batch: int, device: str,
         'else:\n'
         '    base = vm_kib("VmRSS"); open("/proc/self/clear_refs", "w").write("5")\n'
         'step(); step()\n'
-        'print(torch.cuda.max_memory_allocated() / 2**20 if cuda else (vm_kib("VmHWM") - base) / 1024)\n'
+        'print(torch.cuda.max_memory_allocated() / 2**20 if cuda\n'
+        '      else (vm_kib("VmHWM") - base) / 1024)\n'
     ) % (ROOT, torch.get_num_threads(), config, device, cfg_options, kind, batch, device, amp,
          device)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
@@ -218,7 +219,8 @@ def format_row(row: Dict) -> str:
     shape = f"{row['input']} b{row['batch']}"
     return (f"| {row['pair']} | {shape} | {row['mode']} | {row['a_median_s']:.3f} | "
             f"{row['b_median_s']:.3f} | {row['a_spread_s'][0]:.3f}–{row['a_spread_s'][1]:.3f} | "
-            f"{row['b_spread_s'][0]:.3f}–{row['b_spread_s'][1]:.3f} | {row['ratio']:.2f}x | {mem} |")
+            f"{row['b_spread_s'][0]:.3f}–{row['b_spread_s'][1]:.3f} | {row['ratio']:.2f}x | "
+            f"{mem} |")
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
@@ -260,7 +262,7 @@ def main(argv=None):
                         help='override settings of model A only, e.g. '
                              'model.backbone.kw_cfg.recompute_kernels=True')
     parser.add_argument('--no-malloc-tuning', action='store_true',
-                        help='keep glibc\'s default allocator policy (see kw_mm/utils/allocator.py)')
+                        help="keep glibc's default allocator policy (kw_mm/utils/allocator.py)")
     parser.add_argument('--same-process', action='store_true',
                         help='measure all pairs of a suite in this process (by default each '
                              'pair runs in a fresh one)')

@@ -24,8 +24,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from kw_mm.checkpoint import (CheckpointFileError, CheckpointMismatchError,  # noqa: E402
-                              convert_file)
+from kw_mm.checkpoint import CheckpointFileError, CheckpointMismatchError, convert_file  # noqa: E402
 
 
 def _exit_on_sigterm(signum, frame):

@@ -23,9 +23,15 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from mmengine.config import DictAction  # noqa: E402
 
-from kw_mm.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportDependencyError,  # noqa: E402
-                          ExportVerificationError, build_exportable, export_and_verify,
-                          require_export_dependencies)
+from kw_mm.export import (  # noqa: E402
+    DEFAULT_OPSET,
+    DEFAULT_TOLERANCE,
+    ExportDependencyError,
+    ExportVerificationError,
+    build_exportable,
+    export_and_verify,
+    require_export_dependencies,
+)
 
 
 def parse_args(argv=None):

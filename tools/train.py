@@ -13,8 +13,13 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 from kw_mm.checkpoint import CheckpointMismatchError  # noqa: E402
-from kw_mm.runner import (USER_ERRORS, apply_common_args, build_runner,  # noqa: E402
-                          name_checkpoint, shutdown_distributed)
+from kw_mm.runner import (  # noqa: E402
+    USER_ERRORS,
+    apply_common_args,
+    build_runner,
+    name_checkpoint,
+    shutdown_distributed,
+)
 
 
 def parse_args(argv=None):

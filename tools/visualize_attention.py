@@ -93,9 +93,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
 
 def build_model(cfg: Config):
     """Build ``cfg.model`` in the config's default scope (with its data preprocessor)."""
-    import kw_mm  # noqa: F401  (registers the KW modules; safe checkpoint loading)
     from mmengine.logging import MMLogger
     from mmengine.registry import MODELS, init_default_scope
+
+    import kw_mm  # noqa: F401  (registers the KW modules; safe checkpoint loading)
     # init_weights reports to the latest logger: a new one that shows warnings only
     MMLogger.get_instance(f'kw_visualize_attention_{next(_LOGGER_IDS)}', log_level='WARNING')
     scope = cfg.get('default_scope')
@@ -208,8 +209,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     import torch
 
     import kw_mm
-    from kw_mm.analysis import (collect_attention_maps, find_kw_layers, render_attention_maps,
-                                save_attention_arrays)
+    from kw_mm.analysis import (
+        collect_attention_maps,
+        find_kw_layers,
+        render_attention_maps,
+        save_attention_arrays,
+    )
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     target, forward = analysed_part(model)

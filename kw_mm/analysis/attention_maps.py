@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint.io import write_atomically
 from ..layers.attention import KWAttention
 from ..layers.partition import ZERO_CELL
 from ..layers.warehouse import KernelWarehouse
-from ..checkpoint.io import write_atomically
 
 #: size of one warehouse's panel in the figure, in inches (width, height).
 PANEL_SIZE = (7.0, 5.0)

@@ -39,7 +39,6 @@ from .recompute import run_with_kernel
 from .warehouse import KernelWarehouse
 
 
-
 class KWLayer(nn.Module):
     """What KW convolutions and the KW linear layer share: a warehouse (owned
     or shared), the attention, and the assembly of per-sample kernels.

@@ -165,7 +165,8 @@ def _cell_size(gcd: int, ratio: float, what: str, kernels: Sequence[KernelShape]
     size = int(round(size))
     if gcd % size:
         raise ValueError(f'cell_{what}_ratio={ratio!r} gives {size}-channel cells, which do not '
-                         f'divide the {what}put-channel gcd {gcd} of layers {[k.name for k in kernels]}')
+                         f'divide the {what}put-channel gcd {gcd} of layers '
+                         f'{[k.name for k in kernels]}')
     return size
 
 
@@ -293,8 +294,14 @@ def plan_warehouse(kernels: Sequence[KernelShape], budget: float,
         plan = _plan_unpartitioned(kernels, budget, cell_in_ratio, cell_out_ratio, init)
         return _privatise(plan) if private else plan
     ratio = default_cell_ratio(budget)
-    cell_in_ratio = ratio if cell_in_ratio is None else check_budget(cell_in_ratio, 'cell_in_ratio')
-    cell_out_ratio = ratio if cell_out_ratio is None else check_budget(cell_out_ratio, 'cell_out_ratio')
+    if cell_in_ratio is None:
+        cell_in_ratio = ratio
+    else:
+        cell_in_ratio = check_budget(cell_in_ratio, 'cell_in_ratio')
+    if cell_out_ratio is None:
+        cell_out_ratio = ratio
+    else:
+        cell_out_ratio = check_budget(cell_out_ratio, 'cell_out_ratio')
     gcd_out = reduce(math.gcd, (k.out_channels for k in kernels))
     gcd_in = reduce(math.gcd, (k.in_channels for k in kernels))
     cell_out = _cell_size(gcd_out, cell_out_ratio, 'out', kernels)

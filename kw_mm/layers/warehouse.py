@@ -46,6 +46,7 @@ class KernelWarehouse(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.plan
-        cell = 'x'.join(map(str, (p.cell_out, p.cell_in) + (() if p.partitioned else p.cell_kernel)))
+        shape = (p.cell_out, p.cell_in) + (() if p.partitioned else p.cell_kernel)
+        cell = 'x'.join(map(str, shape))
         return (f'cells={p.num_cells}, cell={cell}, budget={p.budget:g}, '
                 f'layers={len(p.layers)}, mixtures={p.total_mixtures}')

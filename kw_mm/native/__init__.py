@@ -28,16 +28,35 @@ transforms or forward-mode AD) kw_mm computes the same products with torch;
 from . import bindings, fused, gemm, library, taps, tuning
 from .bindings import SIGNATURES, bind
 from .fused import fused_conv2d_taps, fused_kernel_grads
-from .gemm import (BatchedMatmul, SmallKMatmul, bmm, gemm_nn, gemm_nn_batched, gemm_nt, matmul,
-                   small_k_grads)
+from .gemm import (
+                   BatchedMatmul,
+                   SmallKMatmul,
+                   bmm,
+                   gemm_nn,
+                   gemm_nn_batched,
+                   gemm_nt,
+                   matmul,
+                   small_k_grads,
+)
 from .library import FLAGS, SOURCES, available, build, cache_dir, checksum_path, status, usable
 from .taps import _TapsInput, conv2d_output_size, conv2d_taps, conv2d_taps_backward
-from .tuning import (FUSED_POINTWISE_POSITIONS_PER_CELL, MIN_MACS, NATIVE_KERNEL_GRAD_MAX_COLS,
-                     NT_WORKSPACE_BYTES, STRIDED_TAPS_MAX_TILES, SWAP_MAX_COLS,
-                     TAPS_BACKWARD_MAX_COLS, TAPS_BACKWARD_STRIDED_MAX_COLS,
-                     TAPS_KERNEL_TRAFFIC, TRANSPOSED_MIN_COLS, UNPADDED_TAPS,
-                     conv2d_taps_backward_pays, conv2d_taps_pays, fused_pointwise_pays,
-                     nt_workspace_fits)
+from .tuning import (
+                   FUSED_POINTWISE_POSITIONS_PER_CELL,
+                   MIN_MACS,
+                   NATIVE_KERNEL_GRAD_MAX_COLS,
+                   NT_WORKSPACE_BYTES,
+                   STRIDED_TAPS_MAX_TILES,
+                   SWAP_MAX_COLS,
+                   TAPS_BACKWARD_MAX_COLS,
+                   TAPS_BACKWARD_STRIDED_MAX_COLS,
+                   TAPS_KERNEL_TRAFFIC,
+                   TRANSPOSED_MIN_COLS,
+                   UNPADDED_TAPS,
+                   conv2d_taps_backward_pays,
+                   conv2d_taps_pays,
+                   fused_pointwise_pays,
+                   nt_workspace_fits,
+)
 
 __all__ = [
     'available', 'build', 'cache_dir', 'status', 'usable',

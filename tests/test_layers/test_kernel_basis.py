@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kw_mm import KWConv2d, native, set_temperature
-from kw_mm.layers.execution import conditions
 from kw_mm.layers.builder import parse_kw_cfg
+from kw_mm.layers.execution import conditions
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f'native kernels: {native.status()}')
@@ -143,7 +143,7 @@ def test_basis_pays_on_resnet50_stage3_only():
     # (mixtures, rows, cells) of KW ResNet50 1x at τ = 1
     assert conditions.kernel_basis_pays(9, 18, 138)          # stage-3 3×3
     assert conditions.kernel_basis_pays(4, 18, 138)          # stage-3 1×1 reading 256 channels
-    assert not conditions.kernel_basis_pays(4, 66, 138)      # stage-3 1×1 reading 1024: twice the bytes
+    assert not conditions.kernel_basis_pays(4, 66, 138)      # stage-3 1×1 reading 1024: 2× bytes
     assert not conditions.kernel_basis_pays(9, 34, 47)       # stage-4 3×3: fewer cells than rows·m
     assert not conditions.kernel_basis_pays(9, 18, 27)       # rows more than half the cells
 

@@ -7,8 +7,13 @@ import torch
 
 from kw_mm import set_temperature
 from kw_mm.apis import build_from_config
-from kw_mm.checkpoint import (REPO_ROOT, RELEASED_MODELS, compare_shapes,
-                           identify, official_to_mmpretrain)
+from kw_mm.checkpoint import (
+    RELEASED_MODELS,
+    REPO_ROOT,
+    compare_shapes,
+    identify,
+    official_to_mmpretrain,
+)
 from kw_mm.models.backbones import KWConvNeXt
 
 HEAD = 768 * 1000 + 1000  # 1000-class linear head of ConvNeXt-Tiny

@@ -8,8 +8,7 @@ from torch import nn
 
 from kw_mm import KWConv2d, KWLinear, set_temperature
 from kw_mm.apis import build_from_config
-from kw_mm.checkpoint import (REPO_ROOT, RELEASED_MODELS, identify,
-                           official_to_mmpretrain)
+from kw_mm.checkpoint import RELEASED_MODELS, REPO_ROOT, identify, official_to_mmpretrain
 from kw_mm.layers.partition import ZERO_CELL
 from kw_mm.models.backbones import KWMobileNetV2
 from kw_mm.models.backbones.kw_mobilenet_v2 import mobilenet_v2_kw_layout

@@ -96,7 +96,8 @@ def test_pretrained_of_another_variant_is_refused(tmp_path):
     ok.init_weights()
     torch.testing.assert_close(ok.warehouses[0].cells, source.warehouses[0].cells)
     wrong = KWResNet(18, kw_cfg=dict(budget=1), init_cfg=init)
-    with pytest.raises(CheckpointMismatchError, match=r'warehouses\.0\.cells: found \[112, 64, 64, 1, 1\], expected \[56'):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r'warehouses\.0\.cells: found \[112, 64, 64, 1, 1\], expected \[56'):
         wrong.init_weights()
 
 

@@ -33,8 +33,13 @@ import pytest
 import torch
 
 from kw_mm.apis import build_from_config
-from kw_mm.checkpoint import (REPO_ROOT, CheckpointFileError, convert_file, sweep_stale_temps,
-                              write_atomically)
+from kw_mm.checkpoint import (
+    REPO_ROOT,
+    CheckpointFileError,
+    convert_file,
+    sweep_stale_temps,
+    write_atomically,
+)
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'convert_official_kw.py')
 

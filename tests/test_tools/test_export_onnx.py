@@ -14,9 +14,14 @@ onnxruntime = pytest.importorskip('onnxruntime')
 
 from kw_mm import KWConv1d, KWConv3d, KWLinear, set_temperature  # noqa: E402
 from kw_mm.checkpoint import REPO_ROOT  # noqa: E402
-from kw_mm.export import (BackboneForExport, ExportDependencyError,  # noqa: E402
-                          ExportVerificationError, build_exportable, export_and_verify,
-                          require_export_dependencies)
+from kw_mm.export import (  # noqa: E402
+    BackboneForExport,
+    ExportDependencyError,
+    ExportVerificationError,
+    build_exportable,
+    export_and_verify,
+    require_export_dependencies,
+)
 from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2  # noqa: E402
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'export_onnx.py')

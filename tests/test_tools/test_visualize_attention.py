@@ -12,8 +12,12 @@ from PIL import Image
 from torch import nn
 
 from kw_mm import KWConv2d, KWLinear, set_temperature
-from kw_mm.analysis import (NoKWLayersError, collect_attention_maps, render_attention_maps,
-                            save_attention_arrays)
+from kw_mm.analysis import (
+    NoKWLayersError,
+    collect_attention_maps,
+    render_attention_maps,
+    save_attention_arrays,
+)
 from kw_mm.analysis.attention_maps import PANEL_SIZE
 from kw_mm.checkpoint import REPO_ROOT
 from kw_mm.layers import KernelShape, KernelWarehouse, plan_warehouse

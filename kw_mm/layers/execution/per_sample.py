@@ -32,10 +32,19 @@ from torch.autograd.function import once_differentiable
 from ... import native
 from ...native import taps, tuning
 from ..recompute import hooks_unsupported
-from .conditions import native_backward_geometry, pointwise_native_applies, \
-    strided_native_backward, taps_macs
-from .geometry import ConvGeometry, kernel_blocks, kernel_into_mixture_, mixture_to_kernel, \
-    pointwise_input
+from .conditions import (
+    native_backward_geometry,
+    pointwise_native_applies,
+    strided_native_backward,
+    taps_macs,
+)
+from .geometry import (
+    ConvGeometry,
+    kernel_blocks,
+    kernel_into_mixture_,
+    mixture_to_kernel,
+    pointwise_input,
+)
 
 
 def conv_one(g: ConvGeometry, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

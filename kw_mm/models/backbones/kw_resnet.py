@@ -11,8 +11,13 @@ from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.options import KWOptions
-from .utils import (KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules,
-                    pretrained_cfg)
+from .utils import (
+    KWBaseBackbone,
+    check_frozen_stages,
+    check_out_indices,
+    freeze_modules,
+    pretrained_cfg,
+)
 
 ConvFactory = Callable[..., nn.Module]
 
