@@ -276,14 +276,14 @@ class KWConvNeXt(KWBaseBackbone):
             raise ValueError(f'frozen_stages must be an int in [-1, {self.num_stages}] (0 or -1 '
                              f'freezes nothing, i the first i stages and their downsampling '
                              f'layers), got {frozen_stages!r}')
-        self.kw_layout = kw_layout
-        self.out_indices = check_out_indices(out_indices, self.num_stages)
-        self.frozen_stages = frozen_stages
-        self.gap_before_final_norm = gap_before_final_norm
         if not isinstance(linear_pw_conv, bool):
             raise ValueError(f'linear_pw_conv must be True or False, got {linear_pw_conv!r}')
         self.linear_pw_conv = linear_pw_conv
         self.with_cp = check_with_cp(with_cp)
+        self.kw_layout = kw_layout
+        self.out_indices = check_out_indices(out_indices, self.num_stages)
+        self.frozen_stages = frozen_stages
+        self.gap_before_final_norm = gap_before_final_norm
         if kw_cfg is not None:
             if not isinstance(kw_cfg, Mapping):
                 raise TypeError(f'kw_cfg must be a dict or None, got {type(kw_cfg).__name__}')

@@ -348,6 +348,7 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
         if kw_layout is not None and kw_layout not in KW_LAYOUTS:
             raise ValueError(f'kw_layout must be None or one of {KW_LAYOUTS}, got {kw_layout!r}')
         self.widen_factor = float(widen_factor)
+        self.with_cp = check_with_cp(with_cp)
         self.out_indices = check_out_indices(out_indices, self.num_stages)
         if (isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int)
                 or frozen_stages not in range(-1, self.num_stages)):
@@ -356,7 +357,6 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
                              f'stem and stages 0..i-1), got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.with_cp = check_with_cp(with_cp)
         self.kw_cfg = parse_kw_cfg(kw_cfg)
         self.kw_layout = (None if self.kw_cfg is None else
                           kw_layout or default_kw_layout(self.kw_cfg['budget']))

@@ -233,10 +233,10 @@ class KWResNet(AliasGuard, KWBaseBackbone):
                              f'got {style!r}')
         self.depth = depth
         self.num_stages = num_stages
+        self.with_cp = check_with_cp(with_cp)
         self.out_indices = check_out_indices(out_indices, num_stages)
         self.frozen_stages = check_frozen_stages(frozen_stages, num_stages)
         self.norm_eval = norm_eval
-        self.with_cp = check_with_cp(with_cp)
         self.zero_init_residual = zero_init_residual
         self.kw_cfg = parse_kw_cfg(kw_cfg)
 
