@@ -6,7 +6,8 @@ rename: ``downsample_layers.0.0`` is the stem convolution and
 ``downsample_layers.0.1`` its LayerNorm, ``downsample_layers.i.0/1`` (i ≥ 1)
 the LayerNorm and the 2×2 downsampling convolution, and each block
 ``stages.i.j`` has ``dwconv`` (7×7 depth-wise), ``norm``, ``pwconv1``,
-``pwconv2`` (1×1 convolutions, channels first) and ``gamma`` (``[1, C, 1, 1]``).
+``pwconv2`` (1×1 convolutions, channels first; linear layers over channels
+last with ``linear_pw_conv=True``) and ``gamma`` (``[1, C, 1, 1]``).
 The final norms and the output convention are those of mmpretrain's
 ``ConvNeXt`` (``norm{i}`` per output stage, ``gap_before_final_norm``), so
 mmpretrain's ``LinearClsHead`` works unchanged.
@@ -24,6 +25,7 @@ from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.options import PER_WAREHOUSE_KEYS, KWOptions
+from .checkpointing import check_with_cp, run_block
 from .utils import KWBaseBackbone, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWConvNeXt` can build (see its docstring).
@@ -44,27 +46,51 @@ class LayerNorm2d(nn.LayerNorm):
 
 class ConvNeXtBlock(nn.Module):
     """ConvNeXt block with the authors' names: dwconv → norm → pwconv1 → GELU
-    → pwconv2 → ×gamma → drop path → + input (all channels first)."""
+    → pwconv2 → ×gamma → drop path → + input.
 
-    def __init__(self, name: str, conv, channels: int, mlp_ratio: float, drop_path_rate: float,
-                 layer_scale_init_value: float) -> None:
+    The point-wise layers are 1×1 convolutions over channels-first maps, or
+    with ``linear_pw_conv`` linear layers over channels-last ones (mmpretrain's
+    two forms; the same function with the same number of parameters).
+    ``with_cp`` checkpoints the block while its input requires grad.
+    """
+
+    def __init__(self, name: str, builder: WarehouseBuilder, channels: int, mlp_ratio: float,
+                 drop_path_rate: float, layer_scale_init_value: float,
+                 linear_pw_conv: bool = False, with_cp: bool = False) -> None:
         super().__init__()
         hidden = int(mlp_ratio * channels)
+        self.linear_pw_conv = linear_pw_conv
+        self.with_cp = with_cp
+        conv = builder.conv
         self.dwconv = conv(f'{name}.dwconv', channels, channels, 7, padding=3, groups=channels,
                            bias=True)
         self.norm = LayerNorm2d(channels, eps=1e-6)
-        self.pwconv1 = conv(f'{name}.pwconv1', channels, hidden, 1, bias=True)
+        if linear_pw_conv:
+            self.pwconv1 = builder.linear(f'{name}.pwconv1', channels, hidden)
+            self.pwconv2 = builder.linear(f'{name}.pwconv2', hidden, channels)
+        else:
+            self.pwconv1 = conv(f'{name}.pwconv1', channels, hidden, 1, bias=True)
+            self.pwconv2 = conv(f'{name}.pwconv2', hidden, channels, 1, bias=True)
         self.act = nn.GELU()
-        self.pwconv2 = conv(f'{name}.pwconv2', hidden, channels, 1, bias=True)
         self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(1, channels, 1, 1))
                       if layer_scale_init_value > 0 else None)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+    def _inner_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dwconv(x)
+        if self.linear_pw_conv:
+            norm = self.norm
+            out = F.layer_norm(out.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight,
+                               norm.bias, norm.eps)
+            out = self.pwconv2(self.act(self.pwconv1(out))).permute(0, 3, 1, 2)
+        else:
+            out = self.pwconv2(self.act(self.pwconv1(self.norm(out))))
         if self.gamma is not None:
             out = out * self.gamma
         return x + self.drop_path(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_block(self, self._inner_forward, x)
 
 
 def stage_groups(depths: Sequence[int], layout: str) -> List[List[Tuple[int, int]]]:
@@ -91,7 +117,8 @@ def warehouse_name(stage: int, start: int, end: int, kind: str) -> str:
 
 def convnext_kw_layout(depths: Sequence[int], channels: Sequence[int], in_channels: int = 3,
                        stem_patch_size: int = 4, mlp_ratio: float = 4.0,
-                       layout: str = 'released') -> List[LayerSpec]:
+                       layout: str = 'released', linear_pw_conv: bool = False
+                       ) -> List[LayerSpec]:
     """The KW layers of a ConvNeXt, in ``modules()`` order.
 
     Every convolution is a KW layer. The stem and each downsampling
@@ -100,8 +127,11 @@ def convnext_kw_layout(depths: Sequence[int], channels: Sequence[int], in_channe
     :func:`stage_groups`) the depth-wise convolutions share one warehouse
     and the point-wise convolutions (``pwconv1`` and ``pwconv2``) another.
     Listed in this order, warehouses are numbered as in the released model
-    (stem, downsamplings, then depth-wise / point-wise per group).
+    (stem, downsamplings, then depth-wise / point-wise per group). With
+    ``linear_pw_conv`` the point-wise layers are linear (kernel ``(1,)``):
+    the same cells, without the trailing 1×1.
     """
+    pw_kernel = (1,) if linear_pw_conv else (1, 1)
     specs: List[LayerSpec] = [
         LayerSpec('downsample_layers.0.0', channels[0], in_channels,
                   (stem_patch_size, stem_patch_size), 'downsample_layers.0')]
@@ -117,8 +147,8 @@ def convnext_kw_layout(depths: Sequence[int], channels: Sequence[int], in_channe
             for j in range(start, end):
                 name = f'stages.{i}.{j}'
                 specs.append(LayerSpec(f'{name}.dwconv', c, 1, (7, 7), dw, name))
-                specs.append(LayerSpec(f'{name}.pwconv1', hidden, c, (1, 1), pw, name))
-                specs.append(LayerSpec(f'{name}.pwconv2', c, hidden, (1, 1), pw, name))
+                specs.append(LayerSpec(f'{name}.pwconv1', hidden, c, pw_kernel, pw, name))
+                specs.append(LayerSpec(f'{name}.pwconv2', c, hidden, pw_kernel, pw, name))
     return specs
 
 
@@ -188,6 +218,16 @@ class KWConvNeXt(KWBaseBackbone):
         gap_before_final_norm (bool): Average-pool before the final norm and
             return ``[B, C]`` (classification), else return normalised maps.
             Defaults to True.
+        linear_pw_conv (bool): Point-wise layers as linear layers over
+            channels-last maps (``nn.Linear``, or ``KWLinear`` with cells
+            ``[n, cell_out, cell_in, 1]``) instead of 1×1 convolutions
+            (``nn.Conv2d`` / ``KWConv2d``). Both forms compute the same
+            function with the same parameter count. Unlike mmpretrain the
+            default is the convolution form, that of the released model, whose
+            checkpoints convert to it. Defaults to False.
+        with_cp (bool): Activation checkpointing of every block whose input
+            requires grad, as mmpretrain's ``with_cp`` (see
+            :mod:`kw_mm.models.backbones.checkpointing`). Defaults to False.
         init_cfg (dict | list[dict], optional): mmengine init config; KW
             attentions keep their own initialisation. Defaults to
             mmpretrain's ConvNeXt (TruncNormal std 0.02, LayerNorm constant).
@@ -213,7 +253,8 @@ class KWConvNeXt(KWBaseBackbone):
                  in_channels: int = 3, stem_patch_size: int = 4, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
                  out_indices: Union[int, Sequence[int]] = -1, frozen_stages: int = 0,
-                 gap_before_final_norm: bool = True, init_cfg=None) -> None:
+                 gap_before_final_norm: bool = True, linear_pw_conv: bool = False,
+                 with_cp: bool = False, init_cfg=None) -> None:
         if init_cfg is None:
             init_cfg = [dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
                         dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.)]
@@ -237,6 +278,10 @@ class KWConvNeXt(KWBaseBackbone):
             raise ValueError(f'frozen_stages must be an int in [-1, {self.num_stages}] (0 or -1 '
                              f'freezes nothing, i the first i stages and their downsampling '
                              f'layers), got {frozen_stages!r}')
+        if not isinstance(linear_pw_conv, bool):
+            raise ValueError(f'linear_pw_conv must be True or False, got {linear_pw_conv!r}')
+        self.linear_pw_conv = linear_pw_conv
+        self.with_cp = check_with_cp(with_cp)
         self.kw_layout = kw_layout
         self.out_indices = check_out_indices(out_indices, self.num_stages)
         self.frozen_stages = frozen_stages
@@ -245,7 +290,7 @@ class KWConvNeXt(KWBaseBackbone):
         self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
 
         specs = convnext_kw_layout(self.depths, self.channels, in_channels, stem_patch_size,
-                                   mlp_ratio, kw_layout)
+                                   mlp_ratio, kw_layout, linear_pw_conv)
         per_warehouse = self._per_warehouse(specs, kw_warehouses)
         builder = WarehouseBuilder(specs if self.kw_options else [],
                                    self.kw_options or KWOptions(),
@@ -271,8 +316,9 @@ class KWConvNeXt(KWBaseBackbone):
         block = 0
         for i, depth in enumerate(self.depths):
             self.stages.append(nn.Sequential(*[
-                ConvNeXtBlock(f'stages.{i}.{j}', conv, self.channels[i], mlp_ratio,
-                              rates[block + j], layer_scale_init_value) for j in range(depth)]))
+                ConvNeXtBlock(f'stages.{i}.{j}', builder, self.channels[i], mlp_ratio,
+                              rates[block + j], layer_scale_init_value, linear_pw_conv,
+                              self.with_cp) for j in range(depth)]))
             block += depth
         for i in self.out_indices:
             self.add_module(f'norm{i}', LayerNorm2d(self.channels[i], eps=1e-6))

@@ -29,7 +29,9 @@ from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.options import KWOptions
-from .utils import KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules
+from .aliases import AliasGuard, ReadOnlyAlias, alias
+from .checkpointing import check_with_cp, run_block
+from .utils import KWBaseBackbone, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWMobileNetV2` can build (see its docstring).
 KW_LAYOUTS = ('pointwise_depthwise', 'expansion_depthwise_reduction', 'compact')
@@ -191,9 +193,14 @@ def _block(block) -> str:
     return '.'.join(block.depthwise_name.split('.')[:2])
 
 
-class ConvNormAct(nn.Sequential):
+class ConvNormAct(AliasGuard, nn.Sequential):
     """Convolution (``0``), norm (``1``) and activation (``2``), as the authors'
-    ``ConvBNReLU``."""
+    ``ConvBNReLU``; ``conv``, ``norm`` and ``activate`` are read-only aliases
+    of them (the names of mmcv's ``ConvModule``, which mmpretrain uses)."""
+
+    conv = alias('0')
+    norm = alias('1')
+    activate = alias('2')
 
     def __init__(self, conv: nn.Module, norm: nn.Module, act: nn.Module) -> None:
         super().__init__(conv, norm, act)
@@ -209,10 +216,14 @@ class InvertedResidual(nn.Module):
             groups=)`` returning a KW or plain convolution.
         norm_cfg (dict): Norm config.
         act_cfg (dict): Activation config.
+        with_cp (bool): Checkpoint the block while its input requires grad
+            (see :mod:`.checkpointing`). Defaults to False.
     """
 
-    def __init__(self, block: BlockSetting, conv, norm_cfg: dict, act_cfg: dict) -> None:
+    def __init__(self, block: BlockSetting, conv, norm_cfg: dict, act_cfg: dict,
+                 with_cp: bool = False) -> None:
         super().__init__()
+        self.with_cp = with_cp
         self.use_res_connect = block.stride == 1 and block.in_channels == block.out_channels
         hidden = block.hidden_channels
         layers: List[nn.Module] = []
@@ -228,13 +239,27 @@ class InvertedResidual(nn.Module):
         layers.append(build_norm_layer(norm_cfg, block.out_channels)[1])
         self.conv = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _inner_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
         return x + out if self.use_res_connect else out
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_block(self, self._inner_forward, x)
+
+
+def _stage_alias(stage: int, target: str) -> ReadOnlyAlias:
+    """mmpretrain's ``layer{stage + 1}``: the blocks ``target`` of a stage, as a
+    new (unregistered) ``nn.Sequential`` holding the very modules of ``features``."""
+    def getter(self: 'KWMobileNetV2') -> nn.Sequential:
+        start, end = self.stage_ranges[stage]
+        view = nn.Sequential(*(self.features[i] for i in range(start, end)))
+        view.training = all(m.training for m in view)
+        return view
+    return ReadOnlyAlias(target, getter)
+
 
 @MODELS.register_module()
-class KWMobileNetV2(KWBaseBackbone):
+class KWMobileNetV2(AliasGuard, KWBaseBackbone):
     """MobileNetV2 backbone with KernelWarehouse convolutions.
 
     The layouts are those of the authors' released models (paper appendix
@@ -265,18 +290,38 @@ class KWMobileNetV2(KWBaseBackbone):
         in_channels (int): Input image channels. Defaults to 3.
         out_indices (Sequence[int]): Stages whose outputs are returned, in
             0..7. Defaults to (7,).
-        frozen_stages (int): Stages to freeze: -1 none, 0 the stem, ``i``
-            the stem and stages 0..i-1 (8 freezes everything). A warehouse
+        frozen_stages (int): Stages to freeze, in ``range(-1, 8)`` as in
+            mmpretrain: -1 none, 0 the stem, ``i`` the stem and stages
+            0..i-1 (the final 1×1 convolution is never frozen). A warehouse
             used by any frozen layer is frozen with it. Defaults to -1.
         norm_cfg (dict): Norm of the network (not of the KW attentions).
             Defaults to ``dict(type='BN')``.
         act_cfg (dict): Activation. Defaults to ``dict(type='ReLU6')``.
         norm_eval (bool): Keep every BatchNorm, the attentions' included, in
             eval mode during training. Defaults to False.
+        with_cp (bool): Activation checkpointing of every inverted residual
+            block whose input requires grad, as mmpretrain's ``with_cp`` (see
+            :mod:`kw_mm.models.backbones.checkpointing`). Defaults to False.
         init_cfg (dict | list[dict], optional): mmengine init config.
             Defaults to Kaiming for ``Conv2d`` and constant 1 for norms (KW
             layers initialise themselves).
+
+    mmpretrain's module names are read-only aliases of the released ones:
+    ``conv1`` is ``features.0``, ``layer1`` … ``layer7`` the blocks of stages
+    0..6 (a new ``nn.Sequential`` of the same block modules on each access)
+    and ``conv2`` is ``features.18``. They are not registered, so the
+    ``state_dict`` keeps the released names.
     """
+
+    conv1 = alias('features.0')
+    layer1 = _stage_alias(0, 'features[1:2]')
+    layer2 = _stage_alias(1, 'features[2:4]')
+    layer3 = _stage_alias(2, 'features[4:7]')
+    layer4 = _stage_alias(3, 'features[7:11]')
+    layer5 = _stage_alias(4, 'features[11:14]')
+    layer6 = _stage_alias(5, 'features[14:17]')
+    layer7 = _stage_alias(6, 'features[17:18]')
+    conv2 = alias('features.18')
 
     # expand ratio t, channels c, blocks n, stride s of each row (Sandler et al., 2018)
     arch_settings = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -290,7 +335,7 @@ class KWMobileNetV2(KWBaseBackbone):
                  kw_layout: Optional[str] = None, in_channels: int = 3,
                  out_indices: Sequence[int] = (7, ), frozen_stages: int = -1,
                  norm_cfg: dict = dict(type='BN'), act_cfg: dict = dict(type='ReLU6'),
-                 norm_eval: bool = False,
+                 norm_eval: bool = False, with_cp: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         if init_cfg is None:
             init_cfg = [dict(type='Kaiming', layer=['Conv2d']),
@@ -303,8 +348,14 @@ class KWMobileNetV2(KWBaseBackbone):
         if kw_layout is not None and kw_layout not in KW_LAYOUTS:
             raise ValueError(f'kw_layout must be None or one of {KW_LAYOUTS}, got {kw_layout!r}')
         self.widen_factor = float(widen_factor)
+        self.with_cp = check_with_cp(with_cp)
         self.out_indices = check_out_indices(out_indices, self.num_stages)
-        self.frozen_stages = check_frozen_stages(frozen_stages, self.num_stages)
+        if (isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int)
+                or frozen_stages not in range(-1, self.num_stages)):
+            raise ValueError(f'frozen_stages must be in range(-1, {self.num_stages}) as in '
+                             f"mmpretrain's MobileNetV2 (-1 freezes nothing, 0 the stem, i the "
+                             f'stem and stages 0..i-1), got {frozen_stages!r}')
+        self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.kw_options = KWOptions.from_kw_cfg(kw_cfg)
         self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
@@ -324,7 +375,8 @@ class KWMobileNetV2(KWBaseBackbone):
             builder.conv('features.0.0', in_channels, stem, 3, stride=2, padding=1),
             build_norm_layer(norm_cfg, stem)[1], build_activation_layer(act_cfg))]
         for block in blocks:
-            features.append(InvertedResidual(block, builder.conv, norm_cfg, act_cfg))
+            features.append(InvertedResidual(block, builder.conv, norm_cfg, act_cfg,
+                                             self.with_cp))
         features.append(ConvNormAct(
             builder.conv(f'features.{len(blocks) + 1}.0', blocks[-1].out_channels, last, 1),
             build_norm_layer(norm_cfg, last)[1], build_activation_layer(act_cfg)))

@@ -11,6 +11,8 @@ from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.options import KWOptions
+from .aliases import AliasGuard, alias
+from .checkpointing import check_with_cp, run_block
 from .utils import (
     KWBaseBackbone,
     check_frozen_stages,
@@ -22,14 +24,22 @@ from .utils import (
 ConvFactory = Callable[..., nn.Module]
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3×3 convolutions)."""
+class BasicBlock(AliasGuard, nn.Module):
+    """ResNet basic block (two 3×3 convolutions).
+
+    ``norm1`` / ``norm2`` are read-only aliases of ``bn1`` / ``bn2``
+    (mmpretrain's names). With ``with_cp`` the block up to its last ReLU is
+    checkpointed while its input requires grad, as in mmpretrain.
+    """
     expansion = 1
+    norm1 = alias('bn1')
+    norm2 = alias('bn2')
 
     def __init__(self, name: str, conv: ConvFactory, in_channels: int, planes: int, stride: int,
                  dilation: int, downsample: Optional[nn.Module], norm_cfg: dict,
-                 drop_path_rate: float) -> None:
+                 drop_path_rate: float, with_cp: bool = False) -> None:
         super().__init__()
+        self.with_cp = with_cp
         self.conv1 = conv(f'{name}.conv1', in_channels, planes, 3, stride=stride,
                           padding=dilation, dilation=dilation)
         self.bn1 = build_norm_layer(norm_cfg, planes)[1]
@@ -43,22 +53,33 @@ class BasicBlock(nn.Module):
     def last_norm(self) -> nn.Module:
         return self.bn2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.drop_path(self.bn2(self.conv2(out)))
         out += identity  # in place, as mmpretrain's blocks: no new block-sized tensor
-        return self.relu(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(run_block(self, self._residual, x))
 
 
-class Bottleneck(nn.Module):
-    """ResNet bottleneck (1×1, 3×3 with the stride, 1×1; 'pytorch' style)."""
+class Bottleneck(AliasGuard, nn.Module):
+    """ResNet bottleneck (1×1, 3×3 with the stride, 1×1; 'pytorch' style).
+
+    ``norm1`` … ``norm3`` are read-only aliases of ``bn1`` … ``bn3``; ``with_cp``
+    as in :class:`BasicBlock`.
+    """
     expansion = 4
+    norm1 = alias('bn1')
+    norm2 = alias('bn2')
+    norm3 = alias('bn3')
 
     def __init__(self, name: str, conv: ConvFactory, in_channels: int, planes: int, stride: int,
                  dilation: int, downsample: Optional[nn.Module], norm_cfg: dict,
-                 drop_path_rate: float) -> None:
+                 drop_path_rate: float, with_cp: bool = False) -> None:
         super().__init__()
+        self.with_cp = with_cp
         out_channels = planes * self.expansion
         self.conv1 = conv(f'{name}.conv1', in_channels, planes, 1)
         self.bn1 = build_norm_layer(norm_cfg, planes)[1]
@@ -75,13 +96,16 @@ class Bottleneck(nn.Module):
     def last_norm(self) -> nn.Module:
         return self.bn3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.drop_path(self.bn3(self.conv3(out)))
         out += identity
-        return self.relu(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(run_block(self, self._residual, x))
 
 
 def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 64,
@@ -130,7 +154,7 @@ def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 6
 
 
 @MODELS.register_module()
-class KWResNet(KWBaseBackbone):
+class KWResNet(AliasGuard, KWBaseBackbone):
     """ResNet backbone with KernelWarehouse convolutions.
 
     The layout is that of the authors' released models (paper appendix A.3):
@@ -165,12 +189,22 @@ class KWResNet(KWBaseBackbone):
             Defaults to ``dict(type='BN', requires_grad=True)``.
         norm_eval (bool): Keep every BatchNorm, the attentions' included, in
             eval mode during training. Defaults to False.
+        with_cp (bool): Activation checkpointing of every residual block
+            whose input requires grad, as mmpretrain's ``with_cp``: less
+            memory, one more forward pass of each block in backward (whose
+            BatchNorms then update their running statistics twice, as in
+            mmpretrain). Defaults to False.
         zero_init_residual (bool): Zero the last norm of each block.
             Defaults to True.
         drop_path_rate (float): Stochastic depth, linearly increasing over
             blocks. Defaults to 0.
         init_cfg (dict | list[dict], optional): mmengine init config.
+
+    The module names are those of the released models (``bn1``, ``layerN.M.bn1``);
+    mmpretrain's names ``norm1`` (stem) and the blocks' ``norm1`` … ``norm3``
+    are read-only aliases of them.
     """
+    norm1 = alias('bn1')
 
     arch_settings = {
         18: (BasicBlock, (2, 2, 2, 2)),
@@ -186,8 +220,8 @@ class KWResNet(KWBaseBackbone):
                  dilations: Sequence[int] = (1, 1, 1, 1), out_indices: Sequence[int] = (3,),
                  style: str = 'pytorch', frozen_stages: int = -1,
                  norm_cfg: dict = dict(type='BN', requires_grad=True), norm_eval: bool = False,
-                 zero_init_residual: bool = True, drop_path_rate: float = 0.0,
-                 init_cfg=None) -> None:
+                 with_cp: bool = False, zero_init_residual: bool = True,
+                 drop_path_rate: float = 0.0, init_cfg=None) -> None:
         if init_cfg is None:
             init_cfg = [dict(type='Kaiming', layer=['Conv2d']),
                         dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm'])]
@@ -205,6 +239,7 @@ class KWResNet(KWBaseBackbone):
                              f'got {style!r}')
         self.depth = depth
         self.num_stages = num_stages
+        self.with_cp = check_with_cp(with_cp)
         self.out_indices = check_out_indices(out_indices, num_stages)
         self.frozen_stages = check_frozen_stages(frozen_stages, num_stages)
         self.norm_eval = norm_eval
@@ -244,7 +279,7 @@ class KWResNet(KWBaseBackbone):
                         build_norm_layer(norm_cfg, out_channels)[1])
                 rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
                 blocks.append(block(name, builder.conv, channels, planes, stride, dilations[i],
-                                    downsample, norm_cfg, rate))
+                                    downsample, norm_cfg, rate, self.with_cp))
                 channels = out_channels
                 block_index += 1
             layer_name = f'layer{i + 1}'
