@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...layers.kw_conv import _KWLayer
+from ...layers import KWLayer
 
 
 def check_with_cp(with_cp) -> bool:
@@ -39,8 +39,8 @@ class _WithoutKernelRecipes:
     (their ``recompute_kernels`` switched off for the call, then restored)."""
 
     def __init__(self, block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.layers: List[_KWLayer] = [m for m in block.modules()
-                                       if isinstance(m, _KWLayer) and m.recompute_kernels]
+        self.layers: List[KWLayer] = [m for m in block.modules()
+                                       if isinstance(m, KWLayer) and m.recompute_kernels]
         self.fn = fn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
