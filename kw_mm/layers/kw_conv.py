@@ -19,7 +19,6 @@ warehouse (deepcopy's memo maps the shared object once).
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, Optional, Union
 
 import torch
@@ -55,6 +54,8 @@ class KWLayer(nn.Module):
                   warehouse: Optional[KernelWarehouse], options: KWOptions) -> None:
         self.kw_options = options
         self.recompute_kernels = options.recompute_kernels
+        # the inference kernel basis, built on first use (:mod:`.execution.kernel_basis`)
+        self._kernel_basis = KernelBasisCache()
         if warehouse is None:
             plan = plan_warehouse([kernel], options.budget, options.cell_in_ratio,
                                   options.cell_out_ratio, options.init, options.kernel_partition)
@@ -103,11 +104,6 @@ class KWLayer(nn.Module):
         if is_exporting():
             return torch.matmul(alpha, cells)
         return native.matmul(alpha, cells)  # torch.matmul where the C kernels do not apply
-
-    @cached_property
-    def geometry(self) -> ConvGeometry:
-        """The layer's :class:`~.execution.geometry.ConvGeometry` (built on first use)."""
-        return self._geometry()  # defined by each layer type
 
     def mixture_to_kernel(self, mixed: torch.Tensor) -> torch.Tensor:
         """Kernels ``[..., out, in/groups, *k]`` from mixtures ``[..., m, cell numel]``."""
@@ -162,6 +158,8 @@ class _KWConvNd(KWLayer):
                              self.kernel_size)
         self._setup_kw(kernel, in_channels, warehouse, options)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        # built once; plain attributes, which torch.compile reads without a lock
+        self.geometry: ConvGeometry = self._geometry()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -169,11 +167,6 @@ class _KWConvNd(KWLayer):
         return conv_geometry(self.layer_plan, self.kw_warehouse.plan, self.in_channels,
                              self.out_channels, self.kernel_size, self.stride, self.padding,
                              self.dilation, self.groups)
-
-    @cached_property
-    def _kernel_basis(self) -> KernelBasisCache:
-        """The cached kernel basis of inference (:mod:`.execution.kernel_basis`)."""
-        return KernelBasisCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.ndim + 2:
@@ -268,6 +261,8 @@ class KWLinear(KWLayer):
         kernel = KernelShape(name or 'KWLinear', out_features, in_features, (1,))
         self._setup_kw(kernel, in_features, warehouse, options)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # built once; plain attributes, which torch.compile reads without a lock
+        self.geometry: ConvGeometry = self._geometry()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 

@@ -155,6 +155,8 @@ def test_convnext_defaults_to_layer_norm_attention():
 
 
 def test_head_uses_the_object():
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmpretrain')  # the head builds its loss in mmpretrain's registry
     head = KWLinearClsHead(10, 16, kw_cfg=dict(budget=0.5, temperature=0.0))
     assert head.fc.kw_options is head.kw_options
     assert float(head.fc.attention.temperature) == 0.0

@@ -198,7 +198,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     assert load_tool().main([CLS_CONFIG, '--checkpoint', str(checkpoint), '--out', str(out),
                              '--cfg-options', *TINY_RESNET_ARGS]) == 1
     err = capsys.readouterr().err
-    assert 'does not fit the model' in err and 'head.fc.weight' in err
+    assert 'does not fit this KWResNet' in err and 'conv1.weight' in err
     assert not out.exists()
 
 

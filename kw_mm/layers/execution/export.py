@@ -49,8 +49,10 @@ def is_exporting() -> bool:
     batch-size branches of the normal forward would be frozen at the traced
     batch size, every sample then convolved with the first one's kernel).
     """
-    # torch.jit.is_tracing() without its Python wrapper: this runs on every forward
-    return _export_mode or torch.onnx.is_in_onnx_export() or torch._C._is_tracing()
+    # torch.jit.is_tracing() without its Python wrapper (this runs on every forward);
+    # torch.compile cannot trace that call, and is never inside a jit trace itself
+    return (_export_mode or torch.onnx.is_in_onnx_export()
+            or (not torch.compiler.is_compiling() and torch._C._is_tracing()))
 
 
 @contextlib.contextmanager
