@@ -3,13 +3,11 @@ import copy
 
 import pytest
 import torch
+from native_helpers import needs_native
 
 from kw_mm import KWConv2d, native, set_temperature
 from kw_mm.layers.builder import parse_kw_cfg
 from kw_mm.layers.execution import conditions
-
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f'native kernels: {native.status()}')
 
 # budget 4 and a hidden width of 2: 4 rows per mixture against 4·m cells, so the
 # basis pays on these small layers as it does on ResNet50's third stage

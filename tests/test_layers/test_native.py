@@ -6,12 +6,9 @@ import warnings
 
 import pytest
 import torch
+from native_helpers import needs_native
 
 from kw_mm import KWConv1d, KWConv2d, KWLinear, native, set_temperature
-
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f'native kernels: {native.status()}')
-
 
 LAYERS = {
     'dense3x3': (lambda: KWConv2d(8, 16, 3, padding=1), (8, 7, 7)),

@@ -1,30 +1,16 @@
 """kw_mm.native's matrix products (gemm_nn, gemm_nn_batched, gemm_nt), their autograd and
 where matmul / bmm take them."""
-import contextlib
 import math
 
 import pytest
 import torch
+from native_helpers import needs_native, num_threads
 
 from kw_mm import native
-
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f'native kernels: {native.status()}')
 
 
 def float64_product(a, b):
     return (a.double() @ b.double())
-
-
-@contextlib.contextmanager
-def num_threads(threads):
-    """torch's thread count set to ``threads`` inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_native
