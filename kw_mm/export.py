@@ -45,6 +45,7 @@ from torch import nn
 from .checkpoint.io import write_atomically
 from .layers import set_temperature
 from .layers.execution.export import export_mode
+from .layers.execution.onnx_graph import onnx_forwards
 
 #: the opset the exporter targets unless told otherwise
 DEFAULT_OPSET = 18
@@ -233,7 +234,7 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAU
     example = torch.randn(TRACE_BATCH, *shape)
     output_names = _output_names(model, example)
     batch = torch.export.Dim('batch', min=1, max=4096)
-    with torch.no_grad(), export_mode(), warnings.catch_warnings():
+    with torch.no_grad(), export_mode(), onnx_forwards(model), warnings.catch_warnings():
         # torch 2.13's exporter trips over its own pytree deprecation
         warnings.filterwarnings('ignore', message=r'.*isinstance\(treespec, LeafSpec\)')
         program = torch.onnx.export(
