@@ -37,7 +37,7 @@ import os.path as osp
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -246,7 +246,8 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAU
 
 def verify_onnx(onnx_model: bytes, model: nn.Module, input_shape: Sequence[int],
                 batch_sizes: Sequence[int] = CHECK_BATCHES, tolerance: float = DEFAULT_TOLERANCE,
-                seed: int = 0) -> Tuple[Dict[int, float], Dict[int, float]]:
+                seed: int = 0, progress: Optional[Callable[[str], None]] = None
+                ) -> Tuple[Dict[int, float], Dict[int, float]]:
     """Run ``onnx_model`` with onnxruntime and ``model`` with PyTorch on the same inputs.
 
     Args:
@@ -257,6 +258,8 @@ def verify_onnx(onnx_model: bytes, model: nn.Module, input_shape: Sequence[int],
         tolerance (float): Allowed max abs difference, relative to
             ``max(1, max |PyTorch output|)``.
         seed (int): Seed of the random inputs.
+        progress (callable, optional): Called with a short description after
+            each batch size is checked.
 
     Returns:
         tuple: ``{batch: max abs diff}`` and ``{batch: max |PyTorch output|}``.
@@ -309,13 +312,15 @@ def verify_onnx(onnx_model: bytes, model: nn.Module, input_shape: Sequence[int],
             raise ExportVerificationError(
                 f'batch {batch}: onnxruntime and PyTorch differ by up to {diff:.3g} (outputs up '
                 f'to {scale:.3g}), above the tolerance {tolerance:g} × max(1, {scale:.3g})')
+        if progress is not None:
+            progress(f'batch {batch}: onnxruntime agrees with PyTorch (max abs diff {diff:.3g})')
     return diffs, scales
 
 
 def export_and_verify(model: nn.Module, out: str, input_shape: Sequence[int],
                       opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                      batch_sizes: Sequence[int] = CHECK_BATCHES,
-                      optimize: bool = False) -> ExportReport:
+                      batch_sizes: Sequence[int] = CHECK_BATCHES, optimize: bool = False,
+                      progress: Optional[Callable[[str], None]] = None) -> ExportReport:
     """Export ``model``, check it with onnxruntime, then write it atomically to ``out``.
 
     Nothing is written when the export or the check fails.
@@ -330,6 +335,9 @@ def export_and_verify(model: nn.Module, out: str, input_shape: Sequence[int],
         batch_sizes (Sequence[int]): Batch sizes of the check; all differ
             from the traced batch size (2). Defaults to (1, 3).
         optimize (bool): Run onnxscript's graph optimiser. Defaults to False.
+        progress (callable, optional): Called with a short description after
+            each stage: the export, each checked batch size (see
+            :func:`verify_onnx`) and the writing; ``2 + len(batch_sizes)`` calls.
 
     Returns:
         ExportReport: The file, opset, output names, export time and the
@@ -345,6 +353,11 @@ def export_and_verify(model: nn.Module, out: str, input_shape: Sequence[int],
     start = time.perf_counter()
     onnx_model, output_names = export_onnx(model, input_shape, opset, optimize)
     seconds = time.perf_counter() - start
-    diffs, scales = verify_onnx(onnx_model, model, input_shape, batch_sizes, tolerance)
+    if progress is not None:
+        progress(f'exported in {seconds:.1f} s ({len(onnx_model) / 2**20:.1f} MiB)')
+    diffs, scales = verify_onnx(onnx_model, model, input_shape, batch_sizes, tolerance,
+                                progress=progress)
     write_atomically(out, lambda f: f.write(onnx_model))
+    if progress is not None:
+        progress(f'written to {out}')
     return ExportReport(str(out), opset, output_names, seconds, diffs, scales)

@@ -3,6 +3,7 @@
     python tools/benchmark.py                       # KW 1x vs plain ResNet50 and ResNet18
     python tools/benchmark.py A.py B.py             # any two mmpretrain configs (A vs B)
     python tools/benchmark.py --suite all --json out.json --markdown out.md
+    python tools/benchmark.py --onnx --suite resnet18,resnet50,mobilenet_v2  # ONNX Runtime
 
 For each pair it times inference (``no_grad``) and a training step (forward,
 cross-entropy / feature loss, backward, SGD step), on classification input
@@ -15,6 +16,10 @@ memory of a training step is measured in a fresh subprocess per model
 of a suite is measured in a fresh process of its own (``--same-process``
 keeps them in this one), so its timings do not depend on the heap that the
 pairs before it left.
+With ``--onnx`` it exports both models of each pair with kw_mm.export
+(verified against PyTorch, into a temporary directory) and times them in ONNX
+Runtime instead (classification input at batch 1 and 8, inference only),
+interleaved, at ONNX Runtime's full graph optimisation and with it off.
 This is a script, not a test: numbers depend on the machine.
 """
 from __future__ import annotations
@@ -162,6 +167,8 @@ def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup
         reps: int, cls_batch: int, memory: bool, a_options: Optional[Dict] = None,
         amp: Optional[str] = None) -> List[Dict]:
     rows = []
+    progress = RowProgress(sum(2 * sum(k == 'cls' or name in DET_PAIRS for k in kinds)
+                               for name in pairs))
     for name, (a_cfg, b_cfg) in pairs.items():
         models = (build(a_cfg, device, a_options), build(b_cfg, device))
         for kind in kinds:
@@ -182,8 +189,121 @@ def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup
                     row['memory_ratio'] = row['a_peak_mib'] / max(row['b_peak_mib'], 1e-9)
                 rows.append(row)
                 print(format_row(row), flush=True)
+                progress.update()
         del models
     return rows
+
+
+class RowProgress:
+    """An mmengine ProgressBar on stderr, one line per finished row (the table
+    stays on stdout)."""
+
+    def __init__(self, total: int) -> None:
+        from mmengine.utils import ProgressBar
+        self.bar = ProgressBar(total, file=sys.stderr) if total > 0 else None
+        self._newline()
+
+    def _newline(self) -> None:
+        if self.bar is not None:
+            sys.stderr.write('\n')
+            sys.stderr.flush()
+
+    def update(self, rows: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(rows)
+            self._newline()
+
+
+#: --onnx-levels: ONNX Runtime's graph optimisation levels by name
+ORT_LEVELS = {'all': 'ORT_ENABLE_ALL', 'extended': 'ORT_ENABLE_EXTENDED',
+              'basic': 'ORT_ENABLE_BASIC', 'disable': 'ORT_DISABLE_ALL'}
+
+
+def export_pair_onnx(pair: Tuple[str, str], out_dir: str, size: Tuple[int, int],
+                     options: Tuple[Optional[Dict], Optional[Dict]] = (None, None)
+                     ) -> Tuple[str, str]:
+    """Export configs A and B (τ = 0, the trained state) with :mod:`kw_mm.export`,
+    each checked against PyTorch, to ``out_dir``; returns the two ONNX files."""
+    from kw_mm import set_temperature
+    from kw_mm.export import build_exportable, export_and_verify
+    paths = []
+    for tag, config, cfg_options in zip('ab', pair, options):
+        model = build_exportable(osp.join(ROOT, config), cfg_options=cfg_options)
+        set_temperature(model, 0.0)
+        path = osp.join(out_dir, f'{tag}.onnx')
+        export_and_verify(model, path, (3, *size))
+        paths.append(path)
+        del model
+    return paths[0], paths[1]
+
+
+def ort_session(path: str, level: str, threads: int):
+    """An ONNX Runtime CPU session of ``path`` at graph optimisation ``level``
+    (a key of :data:`ORT_LEVELS`) with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def run_onnx(pairs: Dict[str, Tuple[str, str]], batches: List[int], levels: List[str],
+             threads: int, warmup: int, reps: int, size: Tuple[int, int] = INPUTS['cls'][1:],
+             options: Tuple[Optional[Dict], Optional[Dict]] = (None, None)) -> List[Dict]:
+    """Rows of ONNX Runtime inference, A against B: each pair exported once,
+    then for every optimisation level and batch size the two sessions' runs
+    interleaved (as :func:`time_pair`)."""
+    rows = []
+    progress = RowProgress(len(pairs) * len(levels) * len(batches))
+    for name, pair in pairs.items():
+        with tempfile.TemporaryDirectory(prefix='kw_mm_onnx_benchmark_') as tmp:
+            paths = export_pair_onnx(pair, tmp, size, options)
+            for level in levels:
+                sessions = [ort_session(p, level, threads) for p in paths]
+                for batch in batches:
+                    feed = {'input': torch.randn(batch, 3, *size).numpy()}
+                    steps = tuple((lambda s=s: s.run(None, feed)) for s in sessions)
+                    ta, tb = time_pair(steps, 'cpu', warmup, reps)
+                    ma, mb = statistics.median(ta), statistics.median(tb)
+                    row = dict(pair=name, a=pair[0], b=pair[1], input='cls', batch=batch,
+                               mode=f'onnx {level}', a_median_s=ma, b_median_s=mb,
+                               a_spread_s=[min(ta), max(ta)], b_spread_s=[min(tb), max(tb)],
+                               ratio=mb / ma, per_rep_ratios=[b / a for a, b in zip(ta, tb)])
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+                    progress.update()
+                del sessions
+    return rows
+
+
+def parse_onnx_args(parser: argparse.ArgumentParser, args: argparse.Namespace
+                    ) -> Tuple[List[int], List[str]]:
+    """Check the ``--onnx`` options (usage errors name the option); returns the
+    batch sizes and optimisation levels."""
+    if args.device != 'cpu':
+        parser.error(f'--onnx times ONNX Runtime on the CPU: use --device cpu, got '
+                     f'{args.device!r}')
+    if args.amp:
+        parser.error('--onnx exports float32 models: --amp does not apply')
+    try:
+        batches = [int(b) for b in args.onnx_batches.split(',')]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        parser.error(f'--onnx-batches must be comma-separated positive ints, got '
+                     f'{args.onnx_batches!r}')
+    levels = args.onnx_levels.split(',')
+    unknown = [level for level in levels if level not in ORT_LEVELS]
+    if unknown:
+        parser.error(f'--onnx-levels: unknown level(s) {unknown}; choose from '
+                     f'{list(ORT_LEVELS)}')
+    try:
+        from kw_mm.export import require_export_dependencies
+        require_export_dependencies()
+    except ImportError as err:
+        parser.error(f'--onnx: {err}')
+    return batches, levels
 
 
 def run_isolated(name: str, argv: List[str]) -> List[Dict]:
@@ -266,9 +386,20 @@ def main(argv=None):
     parser.add_argument('--same-process', action='store_true',
                         help='measure all pairs of a suite in this process (by default each '
                              'pair runs in a fresh one)')
+    parser.add_argument('--onnx', action='store_true',
+                        help='export both models to ONNX and time them in ONNX Runtime '
+                             '(inference, classification input)')
+    parser.add_argument('--onnx-batches', default='1,8',
+                        help='--onnx: comma-separated batch sizes (default 1,8)')
+    parser.add_argument('--onnx-levels', default='all,disable',
+                        help='--onnx: ONNX Runtime graph optimisation levels, from '
+                             f'{list(ORT_LEVELS)} (default all,disable: ORT_ENABLE_ALL and '
+                             'ORT_DISABLE_ALL)')
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_device(parser, args.device)
+    if args.onnx:
+        onnx_batches, onnx_levels = parse_onnx_args(parser, args)
     torch.set_num_threads(args.threads)
     if args.no_malloc_tuning:  # also for the memory probes' subprocesses
         os.environ['KW_MM_MALLOC'] = '0'
@@ -296,12 +427,22 @@ def main(argv=None):
         settings = ''
     settings += ''.join([f'; autocast {args.amp}' if args.amp else '',
                         f'; A with {args.a_cfg_options}' if args.a_cfg_options else ''])
+    if args.onnx:
+        import onnxruntime
+        settings += f'; ONNX Runtime {onnxruntime.__version__}'
     print(f'# {device_name}; torch {torch.__version__}; heap allocator tuning: {tuned}'
           f'{settings}; ratio = throughput(A) / throughput(B)')
     print(HEADER)
     print('|' + '---|' * 9)
     if len(pairs) > 1 and not args.same_process:
-        rows = [row for name in pairs for row in run_isolated(name, argv)]
+        progress = RowProgress(len(pairs))
+        rows = []
+        for name in pairs:
+            rows += run_isolated(name, argv)
+            progress.update()
+    elif args.onnx:
+        rows = run_onnx(pairs, onnx_batches, onnx_levels, args.threads, args.warmup, args.reps,
+                        options=(args.a_cfg_options, None))
     else:
         rows = run(pairs, kinds, args.device, args.warmup, args.reps, cls_batch,
                    not args.no_memory, args.a_cfg_options, args.amp)

@@ -8,7 +8,8 @@ Builds the model of an mmpretrain (or, with --backbone-only, mmdet) config,
 exports it (input ``[B, *shape]``, normalised images; B dynamic), runs the
 ONNX model with onnxruntime at batch sizes 1 and 3 (traced at 2) and
 compares with PyTorch. FILE.onnx is written, atomically, only when the
-outputs agree; otherwise the tool exits with status 1. Needs the ``export``
+outputs agree; otherwise the tool exits with status 1. A progress bar shows
+the stages (build, export, each check, write). Needs the ``export``
 extra: pip install "kw_mm[export]" (or -r requirements/export.txt).
 """
 import argparse
@@ -24,6 +25,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 from mmengine.config import DictAction  # noqa: E402
 
 from kw_mm.export import (  # noqa: E402
+    CHECK_BATCHES,
     DEFAULT_OPSET,
     DEFAULT_TOLERANCE,
     ExportDependencyError,
@@ -59,14 +61,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+class StageProgress:
+    """An mmengine ProgressBar over the tool's stages (started by the first one
+    done, so that argument errors come before any output), each stage's
+    description on its line."""
+
+    def __init__(self, stages: int) -> None:
+        self.stages = stages
+        self.bar = None
+
+    def __call__(self, description: str) -> None:
+        from mmengine.utils import ProgressBar
+        if self.bar is None:
+            self.bar = ProgressBar(self.stages, file=sys.stdout)
+        self.bar.update()
+        sys.stdout.write(f'  {description}\n')
+        sys.stdout.flush()
+
+
 def main(argv=None):
     args = parse_args(argv)
+    progress = StageProgress(3 + len(CHECK_BATCHES))  # build, export, checks, write
     try:
         require_export_dependencies()  # fail before building the model
         model = build_exportable(args.config, args.checkpoint, args.backbone_only,
                                  args.cfg_options, args.temperature)
+        progress(f'built {type(getattr(model, "classifier", model)).__name__}')
         report = export_and_verify(model, args.out, args.shape, opset=args.opset,
-                                   tolerance=args.tolerance, optimize=args.optimize)
+                                   tolerance=args.tolerance, optimize=args.optimize,
+                                   progress=progress)
     except ExportVerificationError as err:
         print(f'error: {err}; {args.out} was not written', file=sys.stderr)
         return 1

@@ -36,7 +36,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .conditions import kernel_basis_pays
 from .geometry import ConvGeometry, padded_input, pointwise_input
+from .kernel_basis import (
+    build_kernel_basis,
+    kernel_basis_coefficients,
+    kernel_basis_rows,
+    with_beta,
+)
 
 
 def kernel_from_mixtures(g: ConvGeometry, mixed: torch.Tensor) -> torch.Tensor:
@@ -59,26 +66,30 @@ def kernel_from_mixtures(g: ConvGeometry, mixed: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_conv(g: ConvGeometry, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Sample ``b`` of ``x`` convolved with ``weight[b]``, as one ONNX ``Scan``
-    over the batch whose body is one ``Conv`` (``group`` as the layer's).
+    """Sample ``b`` of ``x`` convolved with ``weight[b]``: while exporting to
+    ONNX, one ``Scan`` over the batch whose body is one ``Conv`` (``group`` as
+    the layer's); in eager mode the same convolutions in a loop.
 
     Args:
         g (ConvGeometry): The layer's geometry.
         x (Tensor): Input ``[B, C, *S]``.
         weight (Tensor): Per-sample kernels ``[B, out, in/groups, *k]``.
     """
-    from torch._higher_order_ops.scan import scan
-
     x = padded_input(g, x)
 
-    def body(carry: torch.Tensor, sample):
-        x_b, w_b = sample
+    def conv(x_b: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
         # torch 2.13 translates a bias-less conv3d with a bias of the kernel's shape,
         # which onnxruntime refuses: 3-d gets an explicit zero bias
         bias = w_b.new_zeros(g.out_channels) if g.ndim == 3 else None
-        y_b = g.conv(x_b.unsqueeze(0), w_b, bias, g.stride, g.conv_padding, g.dilation,
-                     g.groups)
-        return carry.clone(), y_b.squeeze(0)
+        return g.conv(x_b.unsqueeze(0), w_b, bias, g.stride, g.conv_padding, g.dilation,
+                      g.groups).squeeze(0)
+
+    if not torch.onnx.is_in_onnx_export():  # eager: the same convolutions in a loop
+        return torch.stack([conv(x_b, w_b) for x_b, w_b in zip(x, weight)])
+    from torch._higher_order_ops.scan import scan
+
+    def body(carry: torch.Tensor, sample):
+        return carry.clone(), conv(*sample)
 
     # the carry is a placeholder: Scan needs one, the samples are independent
     return scan(body, x.new_zeros(1), (x, weight))[1]
@@ -106,6 +117,27 @@ def pointwise_conv(g: ConvGeometry, x: torch.Tensor, mixed: torch.Tensor) -> tor
     return out.reshape(-1, g.out_channels, *spatial)
 
 
+def mixtures(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mixtures ``[B, m, cell numel]`` of a layer with shared, partitioned
+    cells: ``α @ cells``, or, where the layer's ``inference_basis`` is on and
+    :func:`~.conditions.kernel_basis_pays`, the per-sample coefficients times
+    the kernel basis (:mod:`.kernel_basis`, built now and exported as a
+    constant)."""
+    g: ConvGeometry = layer.geometry
+    attention = layer.attention
+    cells = layer.kw_warehouse.cells.reshape(g.num_cells, -1).to(x.dtype)
+    if layer.inference_basis:
+        beta = with_beta(attention)
+        rows = kernel_basis_rows(attention, beta)
+        if rows is not None and kernel_basis_pays(g.num_mixtures, rows, g.num_cells):
+            with torch.no_grad():
+                basis = build_kernel_basis(attention, cells, beta)  # [m, rows, cell numel]
+            coefficients = kernel_basis_coefficients(attention, x, beta).to(x.dtype)
+            mixed = torch.matmul(coefficients.transpose(0, 1), basis)  # [m, B, cell numel]
+            return mixed.transpose(0, 1)
+    return torch.matmul(attention(x).to(x.dtype), cells)
+
+
 def onnx_conv_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a KW convolution ``layer`` (``KWConv1d/2d/3d``) as it
     exports to ONNX (module docstring); the same values as its forward."""
@@ -113,16 +145,15 @@ def onnx_conv_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f'{type(layer).__name__} expects a {layer.ndim + 2}-D input '
                          f'[B, C, ...], got shape {tuple(x.shape)}')
     g: ConvGeometry = layer.geometry
-    alpha = layer.attention(x).to(x.dtype)
     shared = g.partitioned and not g.private_cells
     if shared:
-        cells = layer.kw_warehouse.cells.reshape(g.num_cells, -1).to(x.dtype)
-        mixed = torch.matmul(alpha, cells)  # [B, m, cell numel]
-    if shared and g.pointwise:
-        out = pointwise_conv(g, x, mixed)
+        mixed = mixtures(layer, x)
+        if g.pointwise:
+            out = pointwise_conv(g, x, mixed)
+        else:
+            out = per_sample_conv(g, x, kernel_from_mixtures(g, mixed))
     else:
-        weight = kernel_from_mixtures(g, mixed) if shared else layer.assemble_kernel(alpha)
-        out = per_sample_conv(g, x, weight)
+        out = per_sample_conv(g, x, layer.assemble_kernel(layer.attention(x).to(x.dtype)))
     if layer.bias is not None:
         out = out + layer.bias.to(x.dtype).view(g.bias_view)
     return out
