@@ -22,7 +22,7 @@ from kw_mm.export import (  # noqa: E402
     export_and_verify,
     require_export_dependencies,
 )
-from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2  # noqa: E402
+from kw_mm.models.backbones import KWConvNeXt, KWMobileNetV2, KWResNet  # noqa: E402
 
 TOOL = osp.join(REPO_ROOT, 'tools', 'export_onnx.py')
 CLS_CONFIG = osp.join(REPO_ROOT, 'configs', 'kw_resnet', 'kw1x-resnet18_8xb32_in1k.py')
@@ -87,13 +87,13 @@ def test_tool_exports_a_checkpointed_classifier_with_a_dynamic_batch(tmp_path, c
 
 
 class MobileNetV2Prefix(nn.Module):
-    """The stem and first two inverted residuals of a KWMobileNetV2 (depth-wise KW
-    convolutions at stride 1 and 2, point-wise KW), with its warehouses."""
+    """The stem and first two (or ``blocks - 1``) inverted residuals of a KWMobileNetV2
+    (depth-wise KW convolutions at stride 1 and 2, point-wise KW), with its warehouses."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, blocks=3):
         super().__init__()
         self.warehouses = backbone.warehouses
-        self.features = backbone.features[:3]
+        self.features = backbone.features[:blocks]
 
     def forward(self, x):
         return self.features(x)
@@ -208,3 +208,57 @@ def test_missing_onnxruntime_is_named(monkeypatch, tmp_path, capsys):
         require_export_dependencies()
     assert load_tool().main([CLS_CONFIG, '--out', str(tmp_path / 'x.onnx')]) == 1
     assert 'requirements/export.txt' in capsys.readouterr().err
+
+
+def graph_summary(path):
+    """Op types of the main graph, of Scan bodies (with the local functions they
+    call) and the largest Transpose rank."""
+    import onnx
+    model = onnx.load(str(path))
+    functions = {f.name: f for f in model.functions}
+    top = [n.op_type for n in model.graph.node]
+    body, ranks = [], []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.op_type == 'Transpose':
+                ranks.append(len(next(a.ints for a in node.attribute if a.name == 'perm')))
+            if node.name and node.op_type in functions:
+                walk(functions[node.op_type].node)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    body.extend(n.op_type for n in attr.g.node)
+                    walk(attr.g.node)
+    walk(model.graph.node)
+    for f in functions.values():
+        body.extend(n.op_type for n in f.node if n.op_type == 'Conv')
+    return top, body, max(ranks, default=0)
+
+
+@pytest.mark.parametrize('build,kw_convs,scans', [
+    # ResNet18's first two stages, 16 base channels: 8 3×3 KW convolutions (stride 1 and
+    # 2, one and two output cell groups) and the KW 1×1 downsample (a MatMul)
+    (lambda: BackboneForExport(KWResNet(18, num_stages=2, out_indices=(1, ), stem_channels=16,
+                                        base_channels=16, kw_cfg=dict(budget=1))), 9, 8),
+    # MobileNetV2 ×0.5, stem and three blocks: depth-wise KW convolutions (stride 1 and 2),
+    # point-wise ones with 1 to 6 input cell groups, and the KW stem
+    (lambda: MobileNetV2Prefix(KWMobileNetV2(0.5, kw_cfg=dict(budget=1)), blocks=4), 9, 4),
+], ids=['kw_resnet18', 'kw_mobilenet_v2'])
+def test_the_onnx_graph_has_a_dynamic_batch_and_per_sample_convs(build, kw_convs, scans,
+                                                                tmp_path):
+    from kw_mm.layers.kw_conv import _KWConvNd
+    torch.manual_seed(0)
+    model = calibrate_batch_norm(build(), (3, 32, 32), tau=0.0)
+    assert sum(isinstance(m, _KWConvNd) for m in model.modules()) == kw_convs
+    out = tmp_path / 'model.onnx'
+    report = export_and_verify(model, str(out), (3, 32, 32))
+    for batch in (1, 3):  # checked by export_and_verify, its report says by how much
+        assert report.max_abs_reference[batch] > 0.1
+        assert report.max_abs_diff[batch] <= 1e-4 * report.max_abs_reference[batch]
+    top, body, transpose_rank = graph_summary(out)
+    # one Scan of per-sample Convs per k×k KW layer; no im2col convolution, no 6-d reorder
+    assert top.count('Scan') == scans and 'Conv' in body
+    assert top.count('Conv') == 1 - isinstance(model, MobileNetV2Prefix)  # the plain stem
+    assert transpose_rank <= 5
+    session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    assert isinstance(session.get_inputs()[0].shape[0], str)

@@ -29,9 +29,9 @@ the layer does and take step 3.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import types
-from typing import Iterator
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -117,37 +117,59 @@ def pointwise_conv(g: ConvGeometry, x: torch.Tensor, mixed: torch.Tensor) -> tor
     return out.reshape(-1, g.out_channels, *spatial)
 
 
-def mixtures(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The mixtures ``[B, m, cell numel]`` of a layer with shared, partitioned
-    cells: ``α @ cells``, or, where the layer's ``inference_basis`` is on and
-    :func:`~.conditions.kernel_basis_pays`, the per-sample coefficients times
-    the kernel basis (:mod:`.kernel_basis`, built now and exported as a
-    constant)."""
+def kernel_basis_for(layer: nn.Module) -> Optional[Tuple[torch.Tensor, bool]]:
+    """The kernel basis ``F [m, rows, cell numel]`` (:mod:`.kernel_basis`) and
+    whether it has the τ·β row, for a layer with shared, partitioned cells
+    whose ``inference_basis`` is on where
+    :func:`~.conditions.kernel_basis_pays`; else None. Computed from the
+    current weights and τ (call it before tracing: it reads τ's value)."""
     g: ConvGeometry = layer.geometry
     attention = layer.attention
+    if not (layer.inference_basis and g.partitioned and not g.private_cells):
+        return None
+    beta = with_beta(attention)
+    rows = kernel_basis_rows(attention, beta)
+    if rows is None or not kernel_basis_pays(g.num_mixtures, rows, g.num_cells):
+        return None
+    with torch.no_grad():
+        cells = layer.kw_warehouse.cells.reshape(g.num_cells, -1)
+        return build_kernel_basis(attention, cells, beta), beta
+
+
+def mixtures(layer: nn.Module, x: torch.Tensor,
+             basis: Optional[Tuple[torch.Tensor, bool]] = None) -> torch.Tensor:
+    """The mixtures ``[B, m, cell numel]`` of a layer with shared, partitioned
+    cells: ``α @ cells``, or with ``basis`` (:func:`kernel_basis_for`) the
+    per-sample coefficients times the kernel basis."""
+    g: ConvGeometry = layer.geometry
+    attention = layer.attention
+    if basis is not None:
+        rows, beta = basis
+        coefficients = kernel_basis_coefficients(attention, x, beta).to(x.dtype)
+        mixed = torch.matmul(coefficients.transpose(0, 1), rows.to(x.dtype))  # [m, B, numel]
+        return mixed.transpose(0, 1)
     cells = layer.kw_warehouse.cells.reshape(g.num_cells, -1).to(x.dtype)
-    if layer.inference_basis:
-        beta = with_beta(attention)
-        rows = kernel_basis_rows(attention, beta)
-        if rows is not None and kernel_basis_pays(g.num_mixtures, rows, g.num_cells):
-            with torch.no_grad():
-                basis = build_kernel_basis(attention, cells, beta)  # [m, rows, cell numel]
-            coefficients = kernel_basis_coefficients(attention, x, beta).to(x.dtype)
-            mixed = torch.matmul(coefficients.transpose(0, 1), basis)  # [m, B, cell numel]
-            return mixed.transpose(0, 1)
     return torch.matmul(attention(x).to(x.dtype), cells)
 
 
-def onnx_conv_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def onnx_conv_forward(layer: nn.Module, x: torch.Tensor,
+                      basis: Optional[Tuple[torch.Tensor, bool]] = None) -> torch.Tensor:
     """The forward of a KW convolution ``layer`` (``KWConv1d/2d/3d``) as it
-    exports to ONNX (module docstring); the same values as its forward."""
+    exports to ONNX (module docstring); the same values as its forward.
+
+    Args:
+        layer (nn.Module): The KW convolution.
+        x (Tensor): Its input ``[B, C, *S]``.
+        basis (tuple, optional): The layer's :func:`kernel_basis_for`, to
+            mix the kernel basis instead of the cells.
+    """
     if x.dim() != layer.ndim + 2:
         raise ValueError(f'{type(layer).__name__} expects a {layer.ndim + 2}-D input '
                          f'[B, C, ...], got shape {tuple(x.shape)}')
     g: ConvGeometry = layer.geometry
     shared = g.partitioned and not g.private_cells
     if shared:
-        mixed = mixtures(layer, x)
+        mixed = mixtures(layer, x, basis)
         if g.pointwise:
             out = pointwise_conv(g, x, mixed)
         else:
@@ -168,15 +190,17 @@ def _is_kw_conv(module: nn.Module) -> bool:
 def onnx_forwards(model: nn.Module) -> Iterator[int]:
     """Inside the block, the KW convolutions of ``model`` run
     :func:`onnx_conv_forward` (for ``torch.onnx.export``; eager calls work
-    too, more slowly than the layers' own forward). Yields how many layers
-    were switched; restores their forward on exit.
+    too, more slowly than the layers' own forward), with the kernel basis of
+    their weights and τ on entry. Yields how many layers were switched;
+    restores their forward on exit.
 
     Args:
         model (nn.Module): Any module containing KW convolutions.
     """
     switched = [(m, m.__dict__.get('forward')) for m in model.modules() if _is_kw_conv(m)]
     for module, _ in switched:
-        module.forward = types.MethodType(onnx_conv_forward, module)
+        module.forward = functools.partial(onnx_conv_forward, module,
+                                           basis=kernel_basis_for(module))
     try:
         yield len(switched)
     finally:
