@@ -76,3 +76,45 @@ def test_suite_pairs_each_measured_and_tabled(tmp_path):
     # the parent prints every pair's rows as they come
     assert result.stdout.count('| resnet18 | cls b1 |') == 2
     assert result.stdout.count('| mobilenet_v2 | cls b1 |') == 2
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--amp', 'bf16'], '--onnx exports float32 models: --amp does not apply'),
+    (['--onnx-batches', '1,0'], "--onnx-batches must be comma-separated positive ints, got '1,0'"),
+    (['--onnx-batches', 'eight'], "--onnx-batches must be comma-separated positive ints"),
+    (['--onnx-levels', 'all,fast'], "--onnx-levels: unknown level(s) ['fast']; choose from"),
+])
+def test_bad_onnx_options_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(['--onnx', '--suite', 'resnet18', *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_onnx_without_onnxruntime_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # import fails
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(['--onnx', '--suite', 'resnet18'])
+    assert exit_info.value.code == 2
+    assert 'onnxruntime' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, pairs', [
+    (['--suite', 'resnet18'], 'resnet18'),
+    (['A.py', 'B.py'], 'A vs B'),
+])
+def test_onnx_mode_runs_onnxruntime_not_pytorch(args, pairs, monkeypatch, capsys):
+    tool = load_tool()
+    seen = {}
+
+    def fake_run_onnx(pairs, batches, levels, threads, warmup, reps, **kwargs):
+        seen.update(pairs=pairs, batches=batches, levels=levels, threads=threads, reps=reps)
+        return []
+    monkeypatch.setattr(tool, 'run_onnx', fake_run_onnx)
+    monkeypatch.setattr(tool, 'run', lambda *a, **k: pytest.fail('PyTorch timing ran'))
+    tool.main(['--onnx', *args, '--onnx-batches', '2,4', '--onnx-levels', 'disable',
+               '--reps', '3', '--threads', '1'])
+    expected = tool.SUITES['resnet18'] if pairs == 'resnet18' else ('A.py', 'B.py')
+    assert seen == dict(pairs={pairs: expected}, batches=[2, 4], levels=['disable'], threads=1,
+                        reps=3)
+    assert 'ONNX Runtime 1.' in capsys.readouterr().out  # the header names it

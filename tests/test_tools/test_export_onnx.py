@@ -262,3 +262,13 @@ def test_the_onnx_graph_has_a_dynamic_batch_and_per_sample_convs(build, kw_convs
     assert transpose_rank <= 5
     session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     assert isinstance(session.get_inputs()[0].shape[0], str)
+
+
+def test_tool_shows_its_stages_in_a_progress_bar(capsys):
+    progress = load_tool().StageProgress(3)
+    assert capsys.readouterr().out == ''  # nothing before the first stage is done
+    for stage in ('built', 'exported', 'written'):
+        progress(stage)
+    lines = [line.split('\r')[-1] for line in capsys.readouterr().out.split('\n')[:-1]]
+    assert [line.split('] ')[1].split(',')[0] for line in lines] == ['1/3', '2/3', '3/3']
+    assert [line.split('  ')[-1] for line in lines] == ['built', 'exported', 'written']
