@@ -11,8 +11,12 @@ exporting (:func:`export_mode`, and ``torch.onnx.is_in_onnx_export()``),
 KW convolutions switch to the batch-agnostic formulation of
 :mod:`kw_mm.layers.execution.export` (one im2col convolution with static
 groups and one batched MatMul with the per-sample kernels), which computes
-the same thing. KWLinear and the attention (GAP, BatchNorm1d or LayerNorm
-in eval mode, CAF) are batch-agnostic already.
+the same thing. :func:`export_onnx` goes further: while it exports, the KW
+convolutions run :mod:`kw_mm.layers.execution.onnx_graph`
+(:func:`onnx_forwards`), a graph that ONNX Runtime runs faster (mixtures
+by one MatMul, 1×1 layers as batched MatMuls, the others as one ``Conv``
+per sample inside a ``Scan``; measurements in docs/compile_and_export.md). KWLinear and the attention (GAP, BatchNorm1d or
+LayerNorm in eval mode, CAF) are batch-agnostic already.
 
 Which exporter: ``torch.onnx.export(..., dynamo=True)`` (``torch.export``
 based). With torch 2.13 the TorchScript-based exporter (``dynamo=False``,
@@ -60,7 +64,7 @@ INSTALL_HINT = ('pip install "kw_mm[export]" (or pip install -r requirements/exp
 
 __all__ = [
     'DEFAULT_OPSET', 'DEFAULT_TOLERANCE', 'ExportDependencyError', 'ExportVerificationError',
-    'ExportReport', 'ClassifierForExport', 'BackboneForExport', 'export_mode',
+    'ExportReport', 'ClassifierForExport', 'BackboneForExport', 'export_mode', 'onnx_forwards',
     'require_export_dependencies', 'build_exportable', 'export_onnx', 'verify_onnx',
     'export_and_verify'
 ]
