@@ -15,8 +15,9 @@ the same thing. :func:`export_onnx` goes further: while it exports, the KW
 convolutions run :mod:`kw_mm.layers.execution.onnx_graph`
 (:func:`onnx_forwards`), a graph that ONNX Runtime runs faster (mixtures
 by one MatMul, 1×1 layers as batched MatMuls, the others as one ``Conv``
-per sample inside a ``Scan``; measurements in docs/compile_and_export.md). KWLinear and the attention (GAP, BatchNorm1d or
-LayerNorm in eval mode, CAF) are batch-agnostic already.
+per sample inside a ``Scan``; measurements in docs/compile_and_export.md).
+KWLinear and the attention (GAP, BatchNorm1d or LayerNorm in eval mode,
+CAF) are batch-agnostic already.
 
 Which exporter: ``torch.onnx.export(..., dynamo=True)`` (``torch.export``
 based). With torch 2.13 the TorchScript-based exporter (``dynamo=False``,

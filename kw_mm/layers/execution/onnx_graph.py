@@ -148,8 +148,10 @@ def mixtures(layer: nn.Module, x: torch.Tensor,
         coefficients = kernel_basis_coefficients(attention, x, beta).to(x.dtype)
         mixed = torch.matmul(coefficients.transpose(0, 1), rows.to(x.dtype))  # [m, B, numel]
         return mixed.transpose(0, 1)
-    cells = layer.kw_warehouse.cells.reshape(g.num_cells, -1).to(x.dtype)
-    return torch.matmul(attention(x).to(x.dtype), cells)
+    cells = layer.kw_warehouse.cells  # [n, cell numel] inside onnx_forwards
+    if cells.dim() != 2:
+        cells = cells.reshape(g.num_cells, -1)
+    return torch.matmul(attention(x).to(x.dtype), cells.to(x.dtype))
 
 
 def onnx_conv_forward(layer: nn.Module, x: torch.Tensor,
@@ -201,9 +203,19 @@ def onnx_forwards(model: nn.Module) -> Iterator[int]:
     for module, _ in switched:
         module.forward = functools.partial(onnx_conv_forward, module,
                                            basis=kernel_basis_for(module))
+    # each warehouse's cells as [n, cell numel] (a view of the same storage), so that the
+    # graph has no Reshape per layer of the cells, which ONNX Runtime's constant folding
+    # would turn into one copy of the warehouse per layer
+    warehouses = {id(m.kw_warehouse): m.kw_warehouse for m, _ in switched}.values()
+    own_cells = [(w, w.cells) for w in warehouses]
+    for warehouse, cells in own_cells:
+        warehouse.cells = nn.Parameter(cells.detach().reshape(cells.shape[0], -1),
+                                       requires_grad=cells.requires_grad)
     try:
         yield len(switched)
     finally:
+        for warehouse, cells in own_cells:
+            warehouse.cells = cells
         for module, own in switched:
             if own is None:
                 del module.forward
