@@ -56,11 +56,15 @@ def test_kernel_basis_where_the_layer_uses_it(inference_basis, monkeypatch):
                         lambda *args: calls.append(1) or original(*args))
     small = KWConv2d(8, 12, 1, budget=4).eval()  # 4 cells: mixing 17 rows would not pay
     large = KWConv2d(8, 12, 1, budget=40, inference_basis=inference_basis).eval()
-    with torch.no_grad(), onnx_forwards(torch.nn.Sequential(small, large)):
-        small(torch.randn(2, 8, 3, 3))
-        assert calls == []
-        large(torch.randn(2, 8, 3, 3))
-    assert calls == ([1] if inference_basis else [])
+    x = torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        reference = large.reference_forward(x)
+        with onnx_forwards(torch.nn.Sequential(small, large)):
+            assert calls == ([1] if inference_basis else [])  # built once, on entry
+            small(x)
+            out = large(x)
+    assert len(calls) == int(inference_basis)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
 
 def test_kernel_reorder_is_the_layers_reorder():
@@ -86,11 +90,18 @@ def test_pointwise_branches_are_chosen_by_map_size(monkeypatch):
 
 def test_onnx_forwards_restores_the_forward_on_error():
     layer = KWConv2d(4, 4, 3, padding=1)
+    cells = layer.kw_warehouse.cells
     with pytest.raises(RuntimeError, match='inside'):
         with onnx_forwards(torch.nn.Sequential(layer)):
             assert 'forward' in layer.__dict__
+            # the cells as [n, cell numel], the same storage
+            flat = layer.kw_warehouse.cells
+            assert flat.shape == (cells.shape[0], cells[0].numel())
+            assert flat.data_ptr() == cells.data_ptr()
             raise RuntimeError('inside')
     assert 'forward' not in layer.__dict__
+    assert layer.kw_warehouse.cells is cells
+    assert [name for name, _ in layer.named_parameters()].count('warehouse.cells') == 1
     with pytest.raises(ValueError, match=r'KWConv2d expects a 4-D input'):
         with onnx_forwards(layer):
             layer(torch.randn(4, 5, 5))
