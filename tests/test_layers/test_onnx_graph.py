@@ -46,6 +46,8 @@ def test_onnx_formulation_equals_the_reference(name, build, size):
         assert 'forward' not in layer.__dict__  # the layer's own forward is back
     assert out.shape == reference.shape
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    with torch.no_grad(), onnx_forwards(layer):  # an empty batch gives an empty output
+        assert layer(x[:0]).shape == (0, *reference.shape[1:])
 
 
 @pytest.mark.parametrize('inference_basis', [True, False])

@@ -85,6 +85,9 @@ def per_sample_conv(g: ConvGeometry, x: torch.Tensor, weight: torch.Tensor) -> t
                       g.groups).squeeze(0)
 
     if not torch.onnx.is_in_onnx_export():  # eager: the same convolutions in a loop
+        if x.shape[0] == 0:
+            return g.conv(x, weight.new_zeros(weight.shape[1:]), None, g.stride, g.conv_padding,
+                          g.dilation, g.groups)
         return torch.stack([conv(x_b, w_b) for x_b, w_b in zip(x, weight)])
     from torch._higher_order_ops.scan import scan
 
