@@ -180,6 +180,11 @@ def test_ema_copy_and_state_dict_round_trip():
     copied = copy.deepcopy(model)
     with torch.no_grad():
         torch.testing.assert_close(copied(x)[0], model(x)[0])
+    # another image size: the position embedding is resized before the variant check
+    larger = tiny_vit(img_size=48).eval()
+    larger.load_state_dict(model.state_dict())
+    torch.testing.assert_close(larger.warehouses[0].cells, model.warehouses[0].cells)
+    assert larger.pos_embed.shape == (1, 37, 48)
 
 
 def test_layout_warehouses_and_frozen_stages():
