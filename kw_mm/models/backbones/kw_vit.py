@@ -31,9 +31,6 @@ from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.options import PER_WAREHOUSE_KEYS, KWOptions
 from .utils import KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules
 
-#: the linear layers of a block that can be KW, in ``modules()`` order.
-KW_LINEARS = ('attn.v', 'attn.proj', 'ffn.layers.0.0', 'ffn.layers.1')
-
 
 class KWMultiheadAttention(BaseModule):
     """mmpretrain's ``MultiheadAttention`` with an optional KW value projection.
