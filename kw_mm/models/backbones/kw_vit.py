@@ -206,7 +206,11 @@ class KWVisionTransformer(KWBaseBackbone, VisionTransformer):
     state-dict keys and the same outputs for the same weights, so mmpretrain's
     DeiT checkpoints load into it. Everything but the KW options is
     mmpretrain's ``VisionTransformer`` (forward, ``out_type``, position
-    embedding resizing, layer-wise learning-rate decay depths).
+    embedding resizing, layer-wise learning-rate decay depths), except its
+    per-block ``layer_cfgs`` (e.g. SwiGLU FFNs), which this backbone does not
+    take. A KW checkpoint loads into a model of the same variant only: another
+    budget or layout, or a plain checkpoint, is refused naming the tensors
+    that differ.
 
     Args:
         arch (str | dict): An arch of mmpretrain's ``VisionTransformer``
