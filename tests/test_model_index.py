@@ -87,9 +87,12 @@ def test_every_config_is_in_exactly_one_metafile(mmpretrain_models):
         # the config's name, unless mmpretrain has a model of that name (ModelHub refuses a
         # second one, and then would not list any model)
         if stem in mmpretrain_names:
-            assert model['Name'] != stem and stem.split('_')[0] in model['Name'], model['Name']
+            head, _, tail = stem.partition('_')
+            assert model['Name'] == f'{head}_kw-mm_{tail}', (
+                f'{meta}: mmpretrain has a model named {stem}; name this entry '
+                f'{head}_kw-mm_{tail}')
         else:
-            assert model['Name'] == stem, (meta, model['Name'])
+            assert model['Name'] == stem, f'{meta}: name the entry of {model["Config"]} {stem}'
         assert model['Name'] == model['Name'].lower(), model['Name']
         assert model['Name'].lower() not in mmpretrain_names, model['Name']
         assert isinstance(model['Metadata']['Parameters'], int), model['Name']
