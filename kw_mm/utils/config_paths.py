@@ -133,14 +133,15 @@ def register_mim_package() -> None:
     """Let mmengine resolve ``_base_ = 'kw_mm::<path>'`` in configs.
 
     mmengine accepts ``<package>::`` only for the packages in its
-    ``MODULE2PACKAGE`` table, then reads the base from the installed
-    package's ``.mim/configs``, which only a non-editable install has. So
-    kw_mm also has mmengine resolve ``kw_mm::`` bases with
-    :func:`find_config`: the installed package's configs, or the checkout's
-    ``configs/`` when kw_mm runs from a checkout (an editable install, or the
-    checkout on ``PYTHONPATH``). Other bases are resolved as before. Called when
-    kw_mm is imported, so a config parsed after ``import kw_mm`` may inherit
-    kw_mm's configs; calling it again changes nothing.
+    ``MODULE2PACKAGE`` table, then reads the base from ``.mim/configs`` in
+    the folder it takes for the installed package, which for an editable
+    install (pip's, which maps the package with an import hook) or a checkout
+    on ``PYTHONPATH`` holds no configs. So kw_mm also has mmengine resolve
+    ``kw_mm::`` bases with :func:`find_config`: the installed package's
+    configs, or the checkout's ``configs/`` when kw_mm runs from a checkout.
+    Other bases are resolved as before. Called when kw_mm is imported, so a
+    config parsed after ``import kw_mm`` may inherit kw_mm's configs; calling
+    it again changes nothing.
     """
     global _mmengine_get_cfg_path
     from mmengine.config import Config, utils
