@@ -82,7 +82,7 @@ def conv_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
         if out is None:
             out = run_with_kernel(alpha, lambda w: run_pointwise(g, x, w), assemble_kernel,
                                   recompute_kernels)
-    elif not x.is_cuda and not g.depthwise:
+    elif x.device.type == 'cpu' and not g.depthwise:
         # CPU, dense or grouped: per sample, kernels reordered one at a time (per_sample.py);
         # depth-wise ones run fastest as one convolution with B× the groups (below)
         x = padded_input(g, x)
