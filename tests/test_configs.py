@@ -4,6 +4,7 @@ import os.path as osp
 
 import pytest
 import torch
+import yaml
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -12,6 +13,19 @@ from kw_mm.checkpoint import REPO_ROOT
 CONFIGS = sorted(
     p for p in glob.glob(osp.join(REPO_ROOT, 'configs', '**', '*.py'), recursive=True)
     if '/_base_/' not in p)
+
+
+def index_parameters():
+    """Config path (relative to the repository) → the Parameters of its model-index entry."""
+    found = {}
+    for meta in glob.glob(osp.join(REPO_ROOT, 'configs', '*', 'metafile.yml')):
+        with open(meta) as f:
+            for model in yaml.safe_load(f).get('Models') or []:
+                found[model['Config']] = model['Metadata']['Parameters']
+    return found
+
+
+INDEX_PARAMETERS = index_parameters()
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[osp.relpath(p, REPO_ROOT) for p in CONFIGS])
@@ -28,7 +42,10 @@ def test_config_builds(path):
         from mmpretrain.registry import MODELS
     with torch.device('meta'):
         model = MODELS.build(cfg.model)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    params = sum(p.numel() for p in model.parameters())
+    assert params > 0
+    # the count that model-index.yml gives for the config (configs/<folder>/metafile.yml)
+    assert params == INDEX_PARAMETERS.get(osp.relpath(path, REPO_ROOT), params)
     if scope == 'mmpretrain':  # the whole classifier runs (shapes only, on the meta device)
         model.eval()
         logits = model(torch.empty(2, 3, 64, 64, device='meta'), mode='tensor')
