@@ -19,16 +19,18 @@ in plain operators, each counted by mmengine's own handles:
   assembled weight (a ``bmm``).
 
 The counting forward gives the same outputs as the layer (to float rounding).
-Everything else in the model is counted by mmengine as it is. Like mmengine,
-the counts are multiply-accumulates (one fused multiply-add is one FLOP);
-element-wise operations (activations, CAF's normalisation, residual
-additions, biases) are not counted.
+Everything else in the model is counted by mmengine as it is, plus the two
+products of ``scaled_dot_product_attention`` (Vision Transformers), which
+mmengine does not count. Like mmengine, the counts are multiply-accumulates
+(one fused multiply-add is one FLOP); element-wise operations (activations,
+softmax, CAF's normalisation, residual additions, biases) are not counted.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
+import math
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,13 +58,13 @@ from ..layers.warehouse import KernelWarehouse
 FLOP_PARTS = ('kw_conv', 'kw_assembly', 'kw_attention', 'conv', 'linear', 'norm', 'other')
 #: what each category holds
 FLOP_PART_NAMES = {
-    'kw_conv': 'KW layers: convolution with the assembled kernels',
+    'kw_conv': 'KW layers: conv / linear with the assembled kernels',
     'kw_assembly': 'KW layers: kernel assembly (Eq. 3)',
     'kw_attention': 'KW layers: attention (pooling, FCs, norm)',
     'conv': 'plain convolutions',
     'linear': 'plain linear layers',
     'norm': 'normalisation layers',
-    'other': 'other (pooling, upsampling, matmuls)',
+    'other': 'other (pooling, upsampling, attention products)',
 }
 #: the parameter categories, in report order
 PARAM_PARTS = ('kw_cells', 'kw_attention', 'other')
@@ -74,6 +76,15 @@ PARAM_PART_NAMES = {
 _NORM_OPS = ('batch_norm', 'group_norm', 'layer_norm', 'instance_norm')
 _POOL_OPS = ('adaptive_avg_pool1d', 'adaptive_avg_pool2d', 'adaptive_avg_pool3d')
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def _sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``scaled_dot_product_attention(q [..., L, E], k [..., S, E], v [..., S, Ev])``:
+    the two products ``q @ kᵀ`` and ``softmax(·) @ v``, ``L·S·(E + Ev)`` per leading
+    index (mmengine has no count for it; the softmax is not counted)."""
+    from mmengine.analysis.jit_handles import get_shape
+    q, k, v = (get_shape(value) for value in inputs[:3])
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
 @dataclass
@@ -225,6 +236,7 @@ def model_complexity(model: nn.Module, inputs: Any,
         analyzer = FlopAnalyzer(traced, inputs)
         pool = elementwise_flop_counter(1, 0)  # one addition per input element
         analyzer.set_op_handle(**{f'aten::{op}': pool for op in _POOL_OPS})
+        analyzer.set_op_handle(**{'aten::scaled_dot_product_attention': _sdpa_flop_jit})
         analyzer.unsupported_ops_warnings(False)
         analyzer.uncalled_modules_warnings(False)
         analyzer.tracer_warnings('none')

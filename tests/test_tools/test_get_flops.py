@@ -84,6 +84,16 @@ def test_plain_layers_are_mmengines_count_and_kw_parts_add_up():
     assert result.params == sum(p.numel() for p in model.parameters())
 
 
+def test_attention_products_are_counted():
+    class Attention(nn.Module):
+        def forward(self, x):  # q [1, 2 heads, 5, 8], k and v [1, 2, 7, 8] / [1, 2, 7, 6]
+            q, k, v = x[..., :5, :8], x[..., :8], x[..., 8:14]
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
+    result = model_complexity(Attention(), torch.randn(1, 2, 7, 14))
+    assert result.flop_parts['other'] == result.flops == 2 * (5 * 7 * 8 + 5 * 7 * 6)
+
+
 # --- the tool ---------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')

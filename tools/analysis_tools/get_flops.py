@@ -35,6 +35,10 @@ TABLE_HEADER = ('| config | params | FLOPs | KW conv | KW assembly | KW attentio
                 'plain FLOPs |\n|---|---|---|---|---|---|---|')
 
 
+#: the width of the report's labels
+LABEL = 54
+
+
 class PlainCounterpartError(ValueError):
     """The config's plain counterpart cannot be built without KW layers."""
 
@@ -124,13 +128,13 @@ def report(path: str, result, plain, what: str) -> str:
     from kw_mm.analysis.complexity import FLOP_PART_NAMES, PARAM_PART_NAMES
     shape = 'x'.join(map(str, result.input_shape))
     lines = [path, f'  {what}; input {shape}; {result.kw_layers} KW layer(s)']
-    head = f'  {"":<52}{"KW":>10}' if result.kw_layers else f'  {"":<52}{"model":>10}'
+    head = f'  {"":<{LABEL}}{"KW" if result.kw_layers else "model":>10}'
     if plain is not None:
         head += f'{"plain":>10}{"ratio":>8}'
     lines.append(head)
 
     def row(label, value, plain_value, indent):
-        text = f'  {" " * indent}{label:<{52 - indent}}{human(value):>10}'
+        text = f'  {" " * indent}{label:<{LABEL - indent}}{human(value):>10}'
         if plain is not None:
             text += f'{human(plain_value):>10}'
             if indent == 0 and plain_value:
