@@ -16,6 +16,7 @@ from .layers import (
                      get_temperature,
                      set_temperature,
 )
+from .layers.dynamic import CondConv2d, DYConv2d, ODConv2d
 from .models import *  # noqa: F401,F403
 from .utils.config_paths import register_mim_package
 from .version import __version__
@@ -24,5 +25,6 @@ register_mim_package()  # configs may inherit _base_ = 'kw_mm::<folder>/<config>
 
 __all__ = [
     '__version__', 'set_temperature', 'get_temperature', 'KernelWarehouse', 'KWConv1d',
-    'KWConv2d', 'KWConv3d', 'KWLinear', 'KWOptions', 'KWTemperatureHook', 'KWFinetuneHook'
+    'KWConv2d', 'KWConv3d', 'KWLinear', 'KWOptions', 'KWTemperatureHook', 'KWFinetuneHook',
+    'ODConv2d', 'CondConv2d', 'DYConv2d'
 ]
