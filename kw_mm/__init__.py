@@ -5,7 +5,7 @@ mmengine's root registries, so ``type='KWResNet'`` etc. build from mmdet and
 mmpretrain configs (``custom_imports=dict(imports=['kw_mm'])``).
 """
 from . import checkpoint  # noqa: F401  (safe loading of mmengine checkpoints)
-from .engine import KWFinetuneHook, KWTemperatureHook
+from .engine import DynamicConvTemperatureHook, KWFinetuneHook, KWTemperatureHook
 from .layers import (
                      KernelWarehouse,
                      KWConv1d,
@@ -26,5 +26,5 @@ register_mim_package()  # configs may inherit _base_ = 'kw_mm::<folder>/<config>
 __all__ = [
     '__version__', 'set_temperature', 'get_temperature', 'KernelWarehouse', 'KWConv1d',
     'KWConv2d', 'KWConv3d', 'KWLinear', 'KWOptions', 'KWTemperatureHook', 'KWFinetuneHook',
-    'ODConv2d', 'CondConv2d', 'DYConv2d'
+    'ODConv2d', 'CondConv2d', 'DYConv2d', 'DynamicConvTemperatureHook'
 ]
