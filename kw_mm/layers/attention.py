@@ -108,10 +108,27 @@ class KWAttention(nn.Module):
             beta[:, :num_cells] = 1.0
         self.register_buffer('beta', beta, persistent=False)
         self.register_buffer('temperature', torch.tensor(float(temperature)))
+        # KW* (options.omni_attention): ODConv's attentions along the kernel's
+        # input channels, output channels (depth-wise layers too, unlike ODConv:
+        # that gives the paper's 12.51M for MobileNetV2 KW* 4x) and spatial
+        # positions (not for 1x1 layers), from the same hidden vector
+        self.omni = options.omni_attention
+        self.channel_fc = self.filter_fc = self.spatial_fc = None
+        if self.omni:
+            kernel = layer_plan.kernel
+            positions = math.prod(kernel.kernel_size)
+            self.channel_fc = nn.Linear(hidden, in_channels)
+            self.filter_fc = nn.Linear(hidden, kernel.out_channels)
+            self.spatial_fc = None if positions == 1 else nn.Linear(hidden, positions)
         self.reset_parameters()
 
+    def _omni_fcs(self):
+        return tuple(fc for fc in (self.channel_fc, self.filter_fc, self.spatial_fc)
+                     if fc is not None)
+
     def reset_parameters(self) -> None:
-        for fc in (self.fc1, self.fc2) + ((self.fc3,) if self.use_basis else ()):
+        for fc in ((self.fc1, self.fc2) + ((self.fc3,) if self.use_basis else ())
+                   + self._omni_fcs()):
             nn.init.kaiming_normal_(fc.weight, mode='fan_out', nonlinearity='relu')
             if fc.bias is not None:
                 nn.init.zeros_(fc.bias)
@@ -152,9 +169,21 @@ class KWAttention(nn.Module):
         tau = self.temperature.to(normalised.dtype)
         return (1 - tau) * normalised + tau * self.beta.to(normalised.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Attentions ``α`` of shape ``[B, m, n]`` (the zero cell dropped)."""
-        return self.attentions(x)[..., :-1]
+    def forward(self, x: torch.Tensor, omni: bool = False):
+        """Attentions ``α`` of shape ``[B, m, n]`` (the zero cell dropped).
+
+        With ``omni`` (KW* layers only): ``(α, channel [B, in], filters
+        [B, out], spatial [B, positions] or None)``, ODConv's
+        attentions (sigmoids) from the same hidden vector.
+        """
+        if not omni:
+            return self.attentions(x)[..., :-1]
+        if not self.omni:
+            raise RuntimeError('omni=True needs an attention built with omni_attention=True')
+        h = self.hidden(x)
+        alpha = self._normalise(self._logits(h))[..., :-1]
+        return (alpha,) + tuple(None if fc is None else torch.sigmoid(fc(h))
+                                for fc in (self.channel_fc, self.filter_fc, self.spatial_fc))
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:
