@@ -8,9 +8,10 @@ and a softmax with temperature T, which DY-Conv anneals from 30 to 1 over the
 first 10 epochs (:class:`~kw_mm.engine.DynamicConvTemperatureHook`).
 ``attention_fn='caf'`` replaces the softmax by CAF (paper Table 10). This
 attention gives the paper's parameter counts of DY-Conv (4×) for ResNet18,
-ResNet50 and MobileNetV2 (45.47M, 100.88M, 12.40M); KW's attention (with a
-BatchNorm, a minimum width of 16 and the zero cell's logit) gives 45.47M,
-100.89M and 12.41M.
+ResNet50 and MobileNetV2 (45.47M, 100.88M, 12.40M); DY-Conv as a KW
+configuration (``kw_cfg`` with ``kernel_partition=False``: KW's attention,
+with a BatchNorm, a minimum width of 16 and the zero cell's logit, on KW's
+layers) gives 45.47M, 100.83M and 12.42M.
 """
 from __future__ import annotations
 
