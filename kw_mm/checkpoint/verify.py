@@ -171,8 +171,10 @@ def describe_variant(shapes: Shapes, family: str = '') -> str:
     if dynamic and not _warehouses(shapes):
         methods = sorted({method for method, _ in dynamic.values()})
         kernels = sorted({n for _, n in dynamic.values()})
-        return (f'a {"/".join(methods)} backbone (dynamic_cfg: {len(dynamic)} dynamic '
-                f'layer(s) of {"/".join(map(str, kernels))} kernels, no KW warehouses)')
+        name = '/'.join(methods)
+        article = 'an' if name[0] in 'AEIOU' else 'a'
+        return (f'{article} {name} backbone (dynamic_cfg: {len(dynamic)} dynamic layer(s) of '
+                f'{"/".join(map(str, kernels))} kernels, no KW warehouses)')
     warehouses = _warehouses(shapes)
     text = (f'a KW backbone with {len(warehouses)} warehouse(s) ({", ".join(warehouses)})'
             if warehouses else 'a KW backbone without warehouses')

@@ -73,9 +73,9 @@ def test_kw_checkpoint_is_refused_by_an_odconv_model_and_back():
         od.load_state_dict(kw.state_dict(), strict=False)
     message = str(err.value)
     assert 'it holds a KW backbone with 4 warehouse(s)' in message
-    assert 'this KWResNet is a ODConv backbone (dynamic_cfg: 16 dynamic layer(s) of 4 kernels' \
+    assert 'this KWResNet is an ODConv backbone (dynamic_cfg: 16 dynamic layer(s) of 4 kernels' \
         in message
-    with pytest.raises(CheckpointMismatchError, match='it holds a ODConv backbone'):
+    with pytest.raises(CheckpointMismatchError, match='it holds an ODConv backbone'):
         kw.load_state_dict(od.state_dict(), strict=False)
     plain = KWResNet(18, kw_cfg=None, **small)
     with pytest.raises(CheckpointMismatchError, match='it holds a plain backbone'):
