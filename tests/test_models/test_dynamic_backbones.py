@@ -19,8 +19,9 @@ from kw_mm.models.backbones import KWMobileNetV2, KWResNet
 SMALL = {  # width-reduced backbones of every method (stem / base 16 channels, MobileNetV2 x0.25)
     'odconv-resnet18': lambda: KWResNet(18, dynamic_cfg=dict(type='ODConv'), stem_channels=16,
                                         base_channels=16),
-    'condconv-resnet50': lambda: KWResNet(50, dynamic_cfg=dict(type='CondConv'),
-                                          stem_channels=16, base_channels=8),
+    'condconv-resnet50-with-cp': lambda: KWResNet(50, dynamic_cfg=dict(type='CondConv'),
+                                                  stem_channels=16, base_channels=8,
+                                                  with_cp=True),
     'dyconv-resnet18': lambda: KWResNet(18, kw_cfg=None, dynamic_cfg=dict(type='DYConv'),
                                         stem_channels=16, base_channels=16),
     'odconv-caf-mobilenet': lambda: KWMobileNetV2(0.25, dynamic_cfg=dict(
