@@ -159,7 +159,7 @@ def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 6
 def resnet_dynamic_layout(method: str, depth: int, num_stages: int = 4,
                           strides: Sequence[int] = (1, 2, 2, 2), stem_channels: int = 64,
                           base_channels: int = 64) -> Tuple[List[str], Dict[str, str]]:
-    """The layers a ``dynamic_cfg`` method makes dynamic, in ``modules()`` order,
+    """The layers a ``dynamic_cfg`` method makes dynamic, in construction order,
     and the residual block of each (CondConv shares one routing per block).
 
     The layouts of the methods' own code, which give the paper's parameter
@@ -187,7 +187,7 @@ def resnet_dynamic_layout(method: str, depth: int, num_stages: int = 4,
         blocks = blocks[-CONDCONV_BLOCKS:]
     names: Dict[str, str] = {}
     for name, down in blocks:
-        if down and method == 'DYConv':  # built first, in the block's constructor
+        if down and method == 'DYConv':  # (KWResNet builds it before the block's convolutions)
             names[f'{name}.downsample.0'] = name
         names.update((f'{name}.{conv}', name) for conv in convs)
     return list(names), names

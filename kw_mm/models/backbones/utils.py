@@ -1,7 +1,7 @@
 """Argument checks and freezing shared by the KW backbones."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseModule
 from torch import nn
@@ -31,9 +31,10 @@ def conv_configs(backbone: str, kw_cfg, dynamic_cfg, defaults=None
     if dynamic is not None and kw_cfg is DEFAULT_KW_CFG:
         kw_cfg = None
     if dynamic is not None and kw_cfg is not None:
+        given = dict(kw_cfg) if isinstance(kw_cfg, Mapping) else kw_cfg
         raise ValueError(f'{backbone}: kw_cfg and dynamic_cfg are mutually exclusive (a layer is '
                          f'either KernelWarehouse or another dynamic convolution), got '
-                         f'kw_cfg={dict(kw_cfg)!r} and dynamic_cfg={dict(dynamic_cfg)!r}; set '
+                         f'kw_cfg={given!r} and dynamic_cfg={dict(dynamic_cfg)!r}; set '
                          f'kw_cfg=None to build {dynamic.method}')
     return KWOptions.from_kw_cfg(kw_cfg, defaults=defaults), dynamic
 
