@@ -10,7 +10,7 @@ and ``mmpretrain.list_models('*kw*')`` know its configs by name.
 import warnings
 
 from . import checkpoint  # noqa: F401  (safe loading of mmengine checkpoints)
-from .engine import KWFinetuneHook, KWTemperatureHook
+from .engine import DynamicConvTemperatureHook, KWFinetuneHook, KWTemperatureHook
 from .layers import (
                      KernelWarehouse,
                      KWConv1d,
@@ -21,6 +21,7 @@ from .layers import (
                      get_temperature,
                      set_temperature,
 )
+from .layers.dynamic import CondConv2d, DYConv2d, ODConv2d
 from .models import *  # noqa: F401,F403
 from .utils.config_paths import find_config, register_mim_package
 from .utils.model_zoo import register_model_index
@@ -36,5 +37,5 @@ except (ValueError, FileNotFoundError) as error:  # the layers and configs work 
 __all__ = [
     '__version__', 'set_temperature', 'get_temperature', 'KernelWarehouse', 'KWConv1d',
     'KWConv2d', 'KWConv3d', 'KWLinear', 'KWOptions', 'KWTemperatureHook', 'KWFinetuneHook',
-    'find_config'
+    'find_config', 'ODConv2d', 'CondConv2d', 'DYConv2d', 'DynamicConvTemperatureHook'
 ]

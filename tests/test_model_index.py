@@ -99,13 +99,21 @@ def test_every_config_is_in_exactly_one_metafile(mmpretrain_models):
         assert 'Weights' not in model, f'{model["Name"]}: kw_mm hosts no checkpoints'
 
 
+#: the collections of the methods KW is compared with cite their own papers
+OTHER_METHODS = {'ODConv', 'CondConv', 'DY-Conv'}
+
+
 def test_collections_cite_the_paper():
     for meta in metafiles():
         data = read_yaml(osp.join(REPO, meta))
         collections = {c['Name']: c for c in data['Collections']}
         for model in data['Models']:
-            paper = collections[model['In Collection']]['Paper']
-            assert paper == {'Title': TITLE, 'URL': PAPER_URL}, (meta, paper)
+            name = model['In Collection']
+            paper = collections[name]['Paper']
+            if name in OTHER_METHODS:
+                assert set(paper) == {'Title', 'URL'} and paper['Title'] != TITLE, (meta, paper)
+            else:
+                assert paper == {'Title': TITLE, 'URL': PAPER_URL}, (meta, paper)
 
 
 def markdown_rows(path):

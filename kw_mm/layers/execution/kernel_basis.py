@@ -49,8 +49,8 @@ def kernel_basis_rows(attention: KWAttention, with_beta: bool) -> Optional[int]:
     attentions are not affine in the hidden vector (softmax, sigmoid,
     ReLU-normalised; the non-local low-rank logits of released 1/2x models
     are affine too but not implemented here)."""
-    if attention.attention_fn != 'caf' or attention.use_basis:
-        return None
+    if attention.attention_fn != 'caf' or attention.use_basis or attention.omni:
+        return None  # (KW* layers' ODConv attentions are not affine in h)
     return attention.fc2.in_features + 1 + int(with_beta)
 
 
