@@ -1,3 +1,4 @@
-# Mask R-CNN, FPN, KernelWarehouse ResNet50 at b = 4, COCO 1x schedule.
-_base_ = './mask_rcnn_kw_r50.py'
-model = dict(backbone=dict(kw_cfg=dict(budget=4.0)))
+# Mask R-CNN, FPN, KernelWarehouse ResNet50 at b = 4, COCO 1x schedule: the
+# short name of mask_rcnn/mask-rcnn_kw4x-resnet50_fpn_1x_coco.py, which defines
+# the model.
+_base_ = './mask_rcnn/mask-rcnn_kw4x-resnet50_fpn_1x_coco.py'

@@ -1,20 +1,26 @@
 """Building models from kw_mm's (mmpretrain or mmdet) configs."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import copy
+from typing import Any, Mapping, Optional
 
 import torch
 
 
-def build_from_config(config_path: str, device: str = 'cpu',
+def build_from_config(config_path: Any, device: str = 'cpu',
                       cfg_options: Optional[Mapping] = None) -> torch.nn.Module:
     """Build the model of an mmpretrain or mmdet config (on ``device``; 'meta' is cheap).
 
+    ``config_path`` is a config file or an already loaded ``mmengine.Config``;
     ``cfg_options`` (``--cfg-options``) are merged into the config first.
     """
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    cfg = Config.fromfile(config_path)
+    if isinstance(config_path, Config):
+        cfg = copy.deepcopy(config_path) if cfg_options else config_path
+        config_path = cfg.filename or 'given as a Config'
+    else:
+        cfg = Config.fromfile(config_path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     if 'model' not in cfg:

@@ -16,15 +16,21 @@ from mmengine.config import Config  # noqa: E402
 from .checkpoint import CheckpointFileError, CheckpointMismatchError  # noqa: E402
 from .utils import check_dataset_paths, tune_cpu_allocator  # noqa: E402
 
+
+class ConfigOptionError(ValueError):
+    """A command-line option needs something the config does not have."""
+
+
 #: what the tools turn into one ``error: ...`` line and a non-zero exit
-USER_ERRORS = (FileNotFoundError, CheckpointFileError, CheckpointMismatchError)
+USER_ERRORS = (FileNotFoundError, CheckpointFileError, CheckpointMismatchError, ConfigOptionError)
 
 
 def apply_common_args(args, for_training: bool) -> Config:
     """Load ``args.config`` and apply the command-line options to it.
 
     ``args`` has ``config``, ``work_dir``, ``cfg_options`` (a dict or None),
-    ``launcher``, ``pretrained``, ``amp`` and ``resume``.
+    ``launcher``, ``pretrained``, ``amp`` and ``resume``, and may have
+    ``auto_scale_lr`` (training).
     """
     if not osp.isfile(args.config):
         raise FileNotFoundError(f'config not found: {args.config}')
@@ -55,12 +61,69 @@ def apply_common_args(args, for_training: bool) -> Config:
             'checkpoint', dict(type='CheckpointHook', interval=1))
         if checkpoint_hook.get('backend_args') is None and not checkpoint_hook.get('out_dir'):
             checkpoint_hook['backend_args'] = dict(backend='kw_atomic_local')
+    if for_training and getattr(args, 'auto_scale_lr', False):
+        enable_auto_scale_lr(cfg, args.config)
     if for_training and args.resume:
         cfg.resume = True
         cfg.load_from = None if args.resume == 'auto' else args.resume
         if cfg.load_from and not osp.isfile(cfg.load_from):
             raise FileNotFoundError(f'--resume checkpoint not found: {cfg.load_from}')
     return cfg
+
+
+def enable_auto_scale_lr(cfg: Config, config: str) -> None:
+    """``--auto-scale-lr``: turn on the config's ``auto_scale_lr``, which
+    scales the learning rate by (processes × batch size per process) /
+    ``base_batch_size`` (mmengine's ``Runner.scale_lr``)."""
+    scale = cfg.get('auto_scale_lr')
+    if not scale or scale.get('base_batch_size') is None:
+        found = ('no auto_scale_lr' if not scale else
+                 f'auto_scale_lr = {dict(scale)} without base_batch_size')
+        raise ConfigOptionError(
+            f'--auto-scale-lr needs auto_scale_lr = dict(base_batch_size=N) in the config, N '
+            f'being the total batch size its learning rate is set for; {config} has {found}')
+    base = scale.base_batch_size
+    if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+        raise ConfigOptionError(f'--auto-scale-lr: auto_scale_lr.base_batch_size must be a '
+                                f'positive int, got {base!r} in {config}')
+    scale.enable = True
+
+
+def enable_visualization(cfg: Config, show_dir: str) -> None:
+    """``tools/test.py --show-dir``: paint the predictions into ``show_dir``
+    with the config's visualization hook, as mmdet's and mmpretrain's test
+    tools do: a detector's under ``<work_dir>/<timestamp>/<show_dir>`` (an
+    absolute ``show_dir`` as it is), a classifier's in ``show_dir``, every
+    image."""
+    scope = cfg.get('default_scope')
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if scope not in ('mmdet', 'mmpretrain'):
+        raise ConfigOptionError(f"--show-dir supports mmdet and mmpretrain configs; this config "
+                                f"has default_scope={scope!r}")
+    if hook is None:
+        kind = 'DetVisualizationHook' if scope == 'mmdet' else 'VisualizationHook'
+        raise ConfigOptionError(f"--show-dir needs a visualization hook in the config: add "
+                                f"default_hooks = dict(visualization=dict(type='{kind}'))")
+    if scope == 'mmdet':
+        hook.draw = True
+        hook.test_out_dir = show_dir
+    else:
+        hook.enable = True
+        hook.out_dir = show_dir
+        hook.interval = 1
+
+
+def prediction_dumper(cfg: Config, out_file: str):
+    """``tools/test.py --out``: the metric that pickles every prediction,
+    mmdet's ``DumpDetResults`` (masks as RLE) for a detector, mmengine's
+    ``DumpResults`` otherwise."""
+    if not out_file.endswith(('.pkl', '.pickle')):
+        raise ConfigOptionError(f'--out must name a .pkl or .pickle file, got {out_file!r}')
+    if cfg.get('default_scope') == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        return DumpDetResults(out_file_path=out_file)
+    from mmengine.evaluator import DumpResults
+    return DumpResults(out_file_path=out_file)
 
 
 def training_config(config: str, work_dir: str, cfg_options=None,

@@ -69,3 +69,60 @@ def assembly(request, monkeypatch):
     else:
         monkeypatch.setattr(native.tuning, 'MIN_MACS', float('inf'))
     return request.param
+
+
+class ZooFiles:
+    """Files that the model-zoo and README tests share, each made once on first use in one
+    temporary folder: random-weight checkpoints of kw_mm's configs, saved the way mmengine
+    saves them, and a small image."""
+
+    #: file name → (scope, config name); the names the README's snippets use
+    CHECKPOINTS = {
+        'kw1x_resnet18_mm.pth': ('mmpretrain', 'kw1x-resnet18_8xb32_in1k'),
+        'kw1x_resnet50_mm.pth': ('mmpretrain', 'kw1x-resnet50_32xb128-adv-300e_in1k'),
+        'mask_rcnn_kw1x_mobilenetv2_mm.pth': (
+            'mmdet', 'mask-rcnn_kw1x-mobilenet-v2_fpn_paper-ms-crop-1x_coco'),
+    }
+    IMAGE = 'demo.jpg'
+
+    def __init__(self, root):
+        self.root = root
+
+    def path(self, name):
+        """The file ``name`` (one of CHECKPOINTS or IMAGE), made if it is not there yet."""
+        path = self.root / name
+        if path.exists():
+            return path
+        if name == self.IMAGE:
+            import numpy as np
+            from PIL import Image
+            # thin, so that mmdet's test scale (1333, 800) makes it 42 x 1333, not 800 x 800
+            pixels = np.random.default_rng(0).integers(0, 256, (24, 768, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+            return path
+        scope, config = self.CHECKPOINTS[name]
+        from kw_mm.apis import build_from_config
+        from kw_mm.utils.config_paths import find_config
+        torch.manual_seed(len(name))
+        model = build_from_config(find_config(config))
+        meta = {}
+        if scope == 'mmdet':
+            from mmdet.datasets import CocoDataset
+            meta['dataset_meta'] = {'classes': CocoDataset.METAINFO['classes']}
+        torch.save({'meta': meta, 'state_dict': model.state_dict()}, path)
+        return path
+
+
+@pytest.fixture(scope='session')
+def zoo_files(tmp_path_factory):
+    return ZooFiles(tmp_path_factory.mktemp('zoo_files'))
+
+
+@pytest.fixture
+def fresh_default_scope(monkeypatch):
+    """No mmengine default scope, as in a new process (mmpretrain's inferencers build their
+    pipelines in the current scope); the previous scopes are back afterwards."""
+    from collections import OrderedDict
+
+    from mmengine.registry import DefaultScope
+    monkeypatch.setattr(DefaultScope, '_instance_dict', OrderedDict())

@@ -55,8 +55,10 @@ def test_wheel_carries_every_config_and_tool(wheel):
     assert configs == repo_files('configs', ('.py', '.md', '.yml'))
     tools = {n[len('kw_mm/.mim/tools/'):] for n in names if n.startswith('kw_mm/.mim/tools/')}
     assert tools == repo_files('tools', ('.py', '.sh'))
-    # mmengine reads the model index before resolving any `kw_mm::` base
-    assert 'kw_mm/.mim/model-index.yml' in names
+    # mmengine reads the model index before resolving any `kw_mm::` base; kw_mm registers it
+    # with mmpretrain
+    with open(osp.join(REPO, 'model-index.yml'), 'rb') as f:
+        assert wheel.read('kw_mm/.mim/model-index.yml') == f.read()
     assert {'kw_mm/py.typed', 'kw_mm/native/kw_kernels.c',
             'kw_mm/utils/config_paths.py'} <= names
     assert not any(n.startswith('tests/') or '__pycache__' in n for n in names)
@@ -133,6 +135,21 @@ def test_find_config_refuses_unknown_and_ambiguous_names(tmp_path, monkeypatch):
     assert find_config('b/same') == str(tmp_path / 'b' / 'same.py')
 
 
+def test_kw_mm_bases_resolve_from_a_checkout():
+    """An editable install or a checkout on PYTHONPATH has no kw_mm/.mim, where mmengine looks
+    for `kw_mm::` bases: kw_mm resolves them with find_config."""
+    from mmengine.config import Config
+
+    import kw_mm  # noqa: F401
+    path, scope = Config._get_cfg_path('kw_mm::kw_resnet/kw1x-resnet18_8xb32_in1k.py', 'my.py')
+    assert (path, scope) == (osp.join(REPO, 'configs', 'kw_resnet',
+                                      'kw1x-resnet18_8xb32_in1k.py'), None)
+    path, scope = Config._get_cfg_path('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'my.py')
+    assert scope == 'mmdet' and osp.isfile(path)  # other packages' bases as before
+    with pytest.raises(FileNotFoundError, match="'kw_mm::kw_resnet/nope.py' not found"):
+        Config._get_cfg_path('kw_mm::kw_resnet/nope.py', 'my.py')
+
+
 def test_importing_kw_mm_lets_mmengine_resolve_kw_mm_bases():
     from mmengine.config.utils import MODULE2PACKAGE, _get_package_and_cfg_path
 
@@ -140,3 +157,29 @@ def test_importing_kw_mm_lets_mmengine_resolve_kw_mm_bases():
     assert MODULE2PACKAGE['kw_mm'] == 'kw_mm'
     assert _get_package_and_cfg_path('kw_mm::kw_resnet/kw1x-resnet18_8xb32_in1k.py') == (
         'kw_mm', 'kw_resnet/kw1x-resnet18_8xb32_in1k.py')
+
+
+def test_installed_package_gives_mmpretrain_its_models_by_name(wheel, tmp_path, monkeypatch):
+    """With the wheel's kw_mm/.mim (a non-editable install) and no checkout around, the model
+    index and the configs it names are the package's, and ModelHub builds them by name."""
+    from mmpretrain.apis import ModelHub
+
+    from kw_mm.utils import model_zoo
+    mim = [n for n in wheel.namelist() if n.startswith('kw_mm/.mim/')]
+    wheel.extractall(tmp_path, members=mim)
+    installed = tmp_path / 'kw_mm' / '.mim'
+    monkeypatch.setattr(config_paths, '_checkout_root', lambda: None)
+    monkeypatch.setattr(config_paths, 'MIM_DIR', str(installed))
+    assert model_zoo.model_index_path() == str(installed / 'model-index.yml')
+    monkeypatch.setattr(ModelHub, '_models_dict', {})
+    monkeypatch.setattr(ModelHub, '_ModelHub__mmpretrain_registered', True)
+    monkeypatch.setattr(model_zoo, '_registered_index', None)
+    names = model_zoo.register_model_index()
+    assert len(names) == len(model_zoo.load_model_index(str(installed / 'model-index.yml')).models)
+    for name in names:
+        assert ModelHub._models_dict[name].config.startswith(str(installed / 'configs') + '/')
+        assert osp.isfile(ModelHub._models_dict[name].config), name
+    config = ModelHub.get('kw1x-resnet18_8xb32_in1k').config
+    assert config.filename == str(installed / 'configs' / 'kw_resnet' /
+                                  'kw1x-resnet18_8xb32_in1k.py')
+    assert config.model.backbone.type == 'KWResNet'

@@ -4,6 +4,12 @@
     python tools/benchmark.py A.py B.py             # any two mmpretrain configs (A vs B)
     python tools/benchmark.py --suite all --json out.json --markdown out.md
     python tools/benchmark.py --onnx --suite resnet18,resnet50,mobilenet_v2  # ONNX Runtime
+    python tools/benchmark.py --methods resnet50,mobilenet_v2 --inputs cls   # vs plain
+
+``--methods`` times each dynamic convolution of the paper's comparisons (DY-Conv
+4×, ODConv 4×, KW 1/2×, 1×, 4×) against the plain model of the family, one
+pair per method, and ends with a summary: parameters, and throughput and
+peak training memory relative to the plain model.
 
 For each pair it times inference (``no_grad``) and a training step (forward,
 cross-entropy / feature loss, backward, SGD step), on classification input
@@ -53,6 +59,29 @@ SUITES = {
     'mobilenet_v2': ('configs/kw_mobilenet_v2/kw1x-mobilenet-v2_8xb32_in1k.py',
                      'configs/kw_mobilenet_v2/mobilenet-v2_8xb32_in1k.py'),
 }
+#: ``--methods``: per family, the plain model and each method's config (A of a pair
+#: whose B is the plain one); the recipes differ, the models are the paper's.
+METHODS = {
+    'resnet50': ('configs/kw_resnet/resnet50_8xb32_in1k.py', {
+        'dyconv4x': 'configs/kw_resnet/dyconv4x-resnet50_32xb128-adv-300e_in1k.py',
+        'odconv4x': 'configs/kw_resnet/odconv4x-resnet50_32xb128-adv-300e_in1k.py',
+        'kw1d2x': 'configs/kw_resnet/kw1d2x-resnet50_8xb32_in1k.py',
+        'kw1x': 'configs/kw_resnet/kw1x-resnet50_8xb32_in1k.py',
+        'kw4x': 'configs/kw_resnet/kw4x-resnet50_8xb32_in1k.py',
+    }),
+    'mobilenet_v2': ('configs/kw_mobilenet_v2/mobilenet-v2_8xb32_in1k.py', {
+        'dyconv4x': 'configs/kw_mobilenet_v2/dyconv4x-mobilenet-v2_8xb32_in1k.py',
+        'odconv4x': 'configs/kw_mobilenet_v2/odconv4x-mobilenet-v2_8xb32_in1k.py',
+        'kw1d2x': 'configs/kw_mobilenet_v2/kw1d2x-mobilenet-v2_8xb32_in1k.py',
+        'kw1x': 'configs/kw_mobilenet_v2/kw1x-mobilenet-v2_8xb32_in1k.py',
+        'kw4x': 'configs/kw_mobilenet_v2/kw4x-mobilenet-v2_8xb32_in1k.py',
+    }),
+}
+#: every pair ``--suite`` can name: the default suites and the ``--methods`` pairs
+#: (``<family>:<method>``, e.g. ``resnet50:odconv4x``)
+PAIRS = dict(SUITES, **{f'{family}:{method}': (config, plain)
+                        for family, (plain, configs) in METHODS.items()
+                        for method, config in configs.items()})
 #: detection-size input is measured for these pairs only (the issue's table)
 DET_PAIRS = ('resnet50', 'A vs B')
 INPUTS = {'cls': (8, 224, 224), 'det': (2, 800, 1216)}
@@ -171,6 +200,7 @@ def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup
                                for name in pairs))
     for name, (a_cfg, b_cfg) in pairs.items():
         models = (build(a_cfg, device, a_options), build(b_cfg, device))
+        params = [sum(p.numel() for p in m.parameters()) for m in models]
         for kind in kinds:
             if kind == 'det' and name not in DET_PAIRS:
                 continue
@@ -182,6 +212,7 @@ def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup
                 row = dict(pair=name, a=a_cfg, b=b_cfg, input=kind, batch=batch, mode=mode,
                            a_median_s=ma, b_median_s=mb, a_spread_s=[min(ta), max(ta)],
                            b_spread_s=[min(tb), max(tb)], ratio=mb / ma,
+                           a_params=params[0], b_params=params[1],
                            per_rep_ratios=[b / a for a, b in zip(ta, tb)])
                 if memory and mode == 'train':
                     row['a_peak_mib'] = peak_memory(a_cfg, kind, batch, device, a_options, amp)
@@ -286,6 +317,8 @@ def parse_onnx_args(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f'{args.device!r}')
     if args.amp:
         parser.error('--onnx exports float32 models: --amp does not apply')
+    if args.methods:
+        parser.error('--onnx times the --suite pairs or two configs, not --methods')
     try:
         batches = [int(b) for b in args.onnx_batches.split(',')]
     except ValueError:
@@ -317,7 +350,8 @@ def run_isolated(name: str, argv: List[str]) -> List[Dict]:
     with tempfile.TemporaryDirectory(prefix='kw_mm_benchmark_') as tmp:
         out = osp.join(tmp, 'rows.json')
         proc = subprocess.run([sys.executable, osp.abspath(__file__), *argv, '--suite', name,
-                               '--json', out, '--markdown', '', '--same-process'],
+                               '--methods', '', '--json', out, '--markdown', '',
+                               '--same-process'],
                               capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0 or not osp.exists(out):
             raise RuntimeError(f'benchmark of pair {name!r} failed (exit status '
@@ -343,6 +377,43 @@ def format_row(row: Dict) -> str:
             f"{mem} |")
 
 
+SUMMARY_HEADER = ('| family | method | params | params vs plain | inference vs plain | '
+                  'training vs plain | training memory vs plain |')
+
+
+def method_summary(rows: List[Dict]) -> str:
+    """The ``--methods`` summary, one line per (family, method, input): the
+    method's parameters and its throughput and training memory relative to
+    the plain model (from the pairs' rows)."""
+    lines = [SUMMARY_HEADER, '|' + '---|' * 7]
+    seen: Dict[Tuple[str, str], Dict[str, Dict]] = {}
+    for row in rows:
+        if ':' in row['pair']:
+            seen.setdefault((row['pair'], row['input']), {})[row['mode']] = row
+    for (pair, kind), modes in seen.items():
+        family, method = pair.split(':')
+        first = next(iter(modes.values()))
+        ratio = {mode: f"{modes[mode]['ratio']:.2f}x" if mode in modes else '–'
+                 for mode in ('infer', 'train')}
+        memory = modes.get('train', {}).get('memory_ratio')
+        lines.append(f"| {family} | {method} ({kind}) | {first['a_params'] / 1e6:.2f}M | "
+                     f"{first['a_params'] / first['b_params']:.2f}x | {ratio['infer']} | "
+                     f"{ratio['train']} | {'–' if memory is None else f'{memory:.2f}x'} |")
+    return '\n'.join(lines)
+
+
+def method_pairs(parser: argparse.ArgumentParser, families: str
+                 ) -> Dict[str, Tuple[str, str]]:
+    """The ``--methods`` pairs of ``families`` ('all' or a comma-separated list)."""
+    names = sorted(METHODS) if families == 'all' else families.split(',')
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        parser.error(f'--methods: unknown model famil(y/ies) {unknown}; choose from '
+                     f'{sorted(METHODS)} or "all"')
+    return {f'{family}:{method}': PAIRS[f'{family}:{method}']
+            for family in names for method in METHODS[family][1]}
+
+
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
     """Stop with a usage error unless ``device`` is the CPU or a visible CUDA GPU."""
     try:
@@ -365,6 +436,10 @@ def main(argv=None):
     parser.add_argument('configs', nargs='*', help='two configs: A (e.g. KW) and B (baseline)')
     parser.add_argument('--suite', default='resnet50,resnet18,mobilenet_v2',
                         help=f'comma-separated pairs from {sorted(SUITES)} or "all"')
+    parser.add_argument('--methods', default='',
+                        help=f'time DY-Conv 4x, ODConv 4x and KW 1/2x, 1x, 4x against the plain '
+                             f'model of these families ({sorted(METHODS)} or "all"), one pair '
+                             f'each, instead of --suite')
     parser.add_argument('--inputs', default='cls,det', help='cls, det or both')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda' or 'cuda:N' (default: cuda where available)")
@@ -408,12 +483,15 @@ def main(argv=None):
         if len(args.configs) != 2:
             parser.error('give exactly two configs (A and B), or none for the default suite')
         pairs = {'A vs B': tuple(args.configs)}
+    elif args.methods:
+        pairs = method_pairs(parser, args.methods)
     else:
         names = sorted(SUITES) if args.suite == 'all' else args.suite.split(',')
-        unknown = [n for n in names if n not in SUITES]
+        unknown = [n for n in names if n not in PAIRS]
         if unknown:
-            parser.error(f'--suite: unknown pair(s) {unknown}; choose from {sorted(SUITES)}')
-        pairs = {n: SUITES[n] for n in names}
+            parser.error(f'--suite: unknown pair(s) {unknown}; choose from {sorted(SUITES)} '
+                         f'(or a --methods pair such as resnet50:odconv4x)')
+        pairs = {n: PAIRS[n] for n in names}
     kinds = args.inputs.split(',')
     if not set(kinds) <= set(INPUTS):
         parser.error(f'--inputs must be a comma-separated subset of {sorted(INPUTS)}')
@@ -446,6 +524,9 @@ def main(argv=None):
     else:
         rows = run(pairs, kinds, args.device, args.warmup, args.reps, cls_batch,
                    not args.no_memory, args.a_cfg_options, args.amp)
+    summary = method_summary(rows) if args.methods else ''
+    if summary:
+        print('\n' + summary)
     if args.json:
         payload = json.dumps(dict(device=device_name, torch=torch.__version__, amp=args.amp,
                                   settings=settings.lstrip('; '),
@@ -453,7 +534,8 @@ def main(argv=None):
         write_atomically(args.json, lambda f: f.write(payload.encode()))
     if args.markdown:
         table = (f'Device: {device_name}{settings}\n\n{HEADER}\n|' + '---|' * 9 + '\n'
-                 + '\n'.join(format_row(r) for r in rows) + '\n')
+                 + '\n'.join(format_row(r) for r in rows) + '\n'
+                 + (f'\n{summary}\n' if summary else ''))
         write_atomically(args.markdown, lambda f: f.write(table.encode()))
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 from mmengine.config import DictAction  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/demo/mask_rcnn_kw_r50_shapes.py'
 PRETRAIN_CONFIG = 'configs/demo/kw1x-resnet50_shapes-cls.py'
@@ -37,6 +38,41 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+class LastValidation(Hook):
+    """Keeps the metrics of the latest validation and the epoch it ran after,
+    so that the train loop's final validation need not be run again."""
+
+    priority = 'LOWEST'
+
+    def __init__(self) -> None:
+        self.metrics = None
+        self.epoch = None
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.metrics = dict(metrics or {})
+        self.epoch = runner.epoch
+
+
+def train_and_validate(runner) -> dict:
+    """Train, then return the metrics of the trained model: those of the train
+    loop's validation after the last epoch, or (when that did not run, e.g.
+    without a val loop or after an early stop) of one validation run here."""
+    record = LastValidation()
+    runner.register_hook(record)
+    runner.train()
+    if record.metrics is not None and record.epoch == runner.max_epochs:
+        return record.metrics
+    return runner.val_loop.run()
+
+
+def init_weights(runner) -> None:
+    """Initialise the model as ``runner.train()`` will (mmengine's ``init_weights``,
+    which then runs only once), so that it can be evaluated untrained."""
+    from mmengine.model import is_model_wrapper
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    model.init_weights()
+
+
 def pretrain(work_dir: str) -> str:
     """Train the demo classifier; returns its checkpoint path."""
     from kw_mm.demo.shapes import make_shapes_classification
@@ -46,15 +82,14 @@ def pretrain(work_dir: str) -> str:
     make_shapes_classification('data/demo_shapes_cls')
     cfg = training_config(PRETRAIN_CONFIG, work_dir)
     runner = build_runner(cfg)
-    runner.train()
-    top1 = runner.val_loop.run().get('accuracy/top1', float('nan'))
+    top1 = train_and_validate(runner).get('accuracy/top1', float('nan'))
     print(f'[demo] pretrained KW-ResNet50 classifier: top-1 {top1:.1f}% on the val split',
           flush=True)
     return osp.join(work_dir, f'epoch_{cfg.train_cfg.max_epochs}.pth')
 
 
-def evaluate(runner):
-    metrics = runner.val_loop.run()
+def ap(metrics: dict) -> dict:
+    """The bbox / segm AP entries of ``metrics`` (NaN where missing)."""
     return {k: float(metrics.get(k, float('nan'))) for k in KEYS}
 
 
@@ -75,11 +110,10 @@ def main(argv=None):
     runner = build_runner(cfg)
     print_log(f'[demo] config {args.config}; evaluating the untrained model first',
               logger='current', level=logging.INFO)
-    runner._init_model_weights()
-    untrained = evaluate(runner)
+    init_weights(runner)
+    untrained = ap(runner.val_loop.run())
     print_log('[demo] training ...', logger='current', level=logging.INFO)
-    runner.train()
-    trained = evaluate(runner)
+    trained = ap(train_and_validate(runner))
     minutes = (time.time() - start) / 60
     rows = [('', 'untrained', 'trained')]
     for key in KEYS:

@@ -27,7 +27,8 @@ for dir in . "${TMPDIR:-/tmp}"; do
     exit 2
   fi
 done
-echo "[setup_venv] creating $VENV (first run only; building mmcv's ops takes ~15 min on 2 cores)"
+echo "[setup_venv] creating $VENV (first run only): torch, mmcv with its compiled ops, mmdet," \
+  "mmpretrain"
 if [[ ! -x $VENV/bin/python ]]; then
   "$PY" -m venv "$VENV"
 fi
@@ -39,7 +40,21 @@ env -u PIP_FIND_LINKS $PIP install --isolated torch==2.13.0 torchvision==0.28.0
 $PIP install -c requirements/constraints.txt "setuptools>=77.0.3,<82" wheel ninja
 # mmcv's compiled ops (RoIAlign, NMS) are needed by Mask R-CNN; build against
 # the torch just installed (ninja compiles on all cores). pip caches the
-# wheel, so later installs take seconds.
+# wheel it builds, so later installs take seconds: say which of the two
+# happens. `pip cache list` shows the wheels pip built itself; none when the
+# cache is disabled (then pip builds again).
+mmcv_wheel_cached() {
+  local tag wheels
+  tag=$($VENV/bin/python -c 'import sys; print("cp%d%d" % sys.version_info[:2])') || return 1
+  wheels=$($PIP cache list "mmcv-2.1.0-$tag" --format=abspath 2>/dev/null) || return 1
+  [[ $wheels == *"mmcv-2.1.0-$tag-"* ]]
+}
+if mmcv_wheel_cached; then
+  echo "[setup_venv] installing mmcv 2.1.0 from pip's cache (a wheel built here before)"
+else
+  echo "[setup_venv] building mmcv 2.1.0 with its ops from source (10-15 min on 2 cores, once:" \
+    "pip caches the wheel)"
+fi
 MAX_JOBS=${MAX_JOBS:-$(nproc)} MMCV_WITH_OPS=1 $PIP install --no-build-isolation -c requirements/constraints.txt mmcv==2.1.0
 $PIP install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/tests.txt
 $PIP install -c requirements/constraints.txt -r requirements/export.txt  # ONNX export + its test

@@ -1,7 +1,12 @@
 """Train a kw_mm config with mmengine's Runner (mmpretrain or mmdet configs).
 
     python tools/train.py configs/mask_rcnn_kw_r50.py [--work-dir DIR] [--resume [CKPT]]
-        [--amp] [--pretrained CKPT] [--cfg-options k=v ...] [--launcher pytorch]
+        [--amp] [--auto-scale-lr] [--pretrained CKPT] [--cfg-options k=v ...]
+        [--launcher pytorch]
+
+``--auto-scale-lr`` turns on the config's ``auto_scale_lr``: the learning rate
+is scaled by the real total batch size (processes × batch per process) over
+``auto_scale_lr.base_batch_size``, which the config must set.
 """
 import argparse
 import os
@@ -31,6 +36,9 @@ def parse_args(argv=None):
                              "when no path is given")
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (fp16 on GPU, bf16 on CPU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate by the total batch size over the '
+                             "config's auto_scale_lr.base_batch_size")
     parser.add_argument('--pretrained', help='ImageNet-pretrained KW checkpoint for the '
                         "backbone (mmpretrain layout, loaded with prefix 'backbone.')")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',

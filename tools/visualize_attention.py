@@ -197,6 +197,18 @@ def preprocessed_batches(paths: Sequence[str], pipeline: Callable[[dict], dict],
         yield preprocess(pseudo_collate(items))
 
 
+def with_progress(batches: Iterator[dict], num_images: int, batch_size: int) -> Iterator[dict]:
+    """``batches`` as they are, with mmengine's progress bar over the images
+    (advanced once each batch has been through the model)."""
+    from mmengine.utils import ProgressBar
+    bar = ProgressBar(num_images)
+    for start, batch in zip(range(0, num_images, batch_size), batches):
+        yield batch
+        bar.update(min(batch_size, num_images - start))
+    bar.file.write('\n')
+    bar.file.flush()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
@@ -236,6 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             paths = image_paths(args.data)[:args.num_images]
         data = preprocessed_batches(paths, inference_pipeline(cfg), args.batch_size,
                                     lambda batch: preprocess(batch, False))
+        data = with_progress(data, len(paths), args.batch_size)
         maps = collect_attention_maps(target, data, forward)
 
     out = args.out or osp.join('work_dirs', 'attention_maps',

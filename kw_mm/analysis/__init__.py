@@ -1,4 +1,4 @@
-"""Analysis tools for trained KW models (attention maps of paper Figure 3)."""
+"""Analysis tools for KW models: attention maps (paper Figure 3), FLOPs and parameters."""
 from .attention_maps import (
                              AttentionCollector,
                              NoKWLayersError,
@@ -10,9 +10,11 @@ from .attention_maps import (
                              render_attention_maps,
                              save_attention_arrays,
 )
+from .complexity import Complexity, counting_forward, model_complexity, plain_counterpart
 
 __all__ = [
     'AttentionCollector', 'NoKWLayersError', 'WarehouseAttention', 'attention_arrays',
     'collect_attention_maps', 'figure_size', 'find_kw_layers', 'render_attention_maps',
-    'save_attention_arrays'
+    'save_attention_arrays', 'Complexity', 'counting_forward', 'model_complexity',
+    'plain_counterpart'
 ]

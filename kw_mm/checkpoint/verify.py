@@ -136,12 +136,45 @@ def released_backbone(shapes: Shapes, family: str = '') -> Optional[ReleasedMode
     return None
 
 
+def dynamic_layers(shapes: Shapes) -> Dict[str, Tuple[str, int]]:
+    """The dynamic convolutions (``dynamic_cfg``: ODConv, CondConv, DY-Conv) of
+    a state dict: layer name → (method, number of kernels). Such a layer has
+    a kernel bank ``<layer>.weight [n, out, in/groups, kh, kw]`` and an
+    ``<layer>.attention``, whose tensors tell the method apart."""
+    layers = {}
+    for key, shape in shapes.items():
+        if not key.endswith('.weight') or len(shape) != 5:
+            continue
+        layer = key[:-len('.weight')]
+        if f'{layer}.attention.channel_fc.weight' in shapes:
+            layers[layer] = ('ODConv', shape[0])
+        elif f'{layer}.attention.fc2.weight' in shapes:
+            layers[layer] = ('DY-Conv', shape[0])
+        elif f'{layer}.attention.fc.weight' in shapes:
+            layers[layer] = ('CondConv', shape[0])
+    if any(method == 'CondConv' for method, _ in layers.values()):
+        # the other layers of a CondConv block use the routing of the block's first
+        layers.update((key[:-len('.weight')], ('CondConv', shape[0])) for key, shape in
+                      shapes.items() if key.endswith('.weight') and len(shape) == 5
+                      and key[:-len('.weight')] not in layers)
+    return layers
+
+
 def describe_variant(shapes: Shapes, family: str = '') -> str:
     """A backbone variant in words, from its state dict's names and shapes:
-    plain or KW, its warehouses' cell counts, and the released model (of
-    ``family``, see :func:`released_backbone`) it equals, if any."""
+    plain, another dynamic convolution (ODConv, CondConv, DY-Conv) or KW,
+    its warehouses' cell counts, and the released model (of ``family``, see
+    :func:`released_backbone`) it equals, if any."""
     if not any(is_kw_key(k) for k in shapes):
         return 'a plain backbone (no KW tensors, as with kw_cfg=None)'
+    dynamic = dynamic_layers(shapes)
+    if dynamic and not _warehouses(shapes):
+        methods = sorted({method for method, _ in dynamic.values()})
+        kernels = sorted({n for _, n in dynamic.values()})
+        name = '/'.join(methods)
+        article = 'an' if name[0] in 'AEIOU' else 'a'
+        return (f'{article} {name} backbone (dynamic_cfg: {len(dynamic)} dynamic layer(s) of '
+                f'{"/".join(map(str, kernels))} kernels, no KW warehouses)')
     warehouses = _warehouses(shapes)
     text = (f'a KW backbone with {len(warehouses)} warehouse(s) ({", ".join(warehouses)})'
             if warehouses else 'a KW backbone without warehouses')
@@ -212,5 +245,5 @@ def check_state_dict_fits(module: torch.nn.Module, state_dict: Mapping[str, obje
 
 __all__ = [
     'CheckpointMismatchError', 'compare_shapes', 'identify', 'is_kw_key', 'fit_problems',
-    'released_backbone', 'describe_variant', 'check_state_dict_fits'
+    'released_backbone', 'describe_variant', 'dynamic_layers', 'check_state_dict_fits'
 ]

@@ -1,3 +1,10 @@
-from .hooks import KWFinetuneHook, KWMemoryHook, KWTemperatureHook
+from .hooks import (
+    DynamicConvTemperatureHook,
+    KWFinetuneHook,
+    KWMemoryHook,
+    KWTemperatureHook,
+    set_dynamic_temperature,
+)
 
-__all__ = ['KWTemperatureHook', 'KWFinetuneHook', 'KWMemoryHook']
+__all__ = ['KWTemperatureHook', 'KWFinetuneHook', 'KWMemoryHook', 'DynamicConvTemperatureHook',
+           'set_dynamic_temperature']

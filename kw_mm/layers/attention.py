@@ -108,10 +108,27 @@ class KWAttention(nn.Module):
             beta[:, :num_cells] = 1.0
         self.register_buffer('beta', beta, persistent=False)
         self.register_buffer('temperature', torch.tensor(float(temperature)))
+        # KW* (options.omni_attention): ODConv's attentions along the kernel's
+        # input channels, output channels (depth-wise layers too, unlike ODConv:
+        # that gives the paper's 12.51M for MobileNetV2 KW* 4x) and spatial
+        # positions (not for 1x1 layers), from the same hidden vector
+        self.omni = options.omni_attention
+        self.channel_fc = self.filter_fc = self.spatial_fc = None
+        if self.omni:
+            kernel = layer_plan.kernel
+            positions = math.prod(kernel.kernel_size)
+            self.channel_fc = nn.Linear(hidden, in_channels)
+            self.filter_fc = nn.Linear(hidden, kernel.out_channels)
+            self.spatial_fc = None if positions == 1 else nn.Linear(hidden, positions)
         self.reset_parameters()
 
+    def _omni_fcs(self):
+        return tuple(fc for fc in (self.channel_fc, self.filter_fc, self.spatial_fc)
+                     if fc is not None)
+
     def reset_parameters(self) -> None:
-        for fc in (self.fc1, self.fc2) + ((self.fc3,) if self.use_basis else ()):
+        for fc in ((self.fc1, self.fc2) + ((self.fc3,) if self.use_basis else ())
+                   + self._omni_fcs()):
             nn.init.kaiming_normal_(fc.weight, mode='fan_out', nonlinearity='relu')
             if fc.bias is not None:
                 nn.init.zeros_(fc.bias)
@@ -122,16 +139,14 @@ class KWAttention(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden vector ``[B, d]`` the logits are computed from (GAP → FC → norm → ReLU)."""
-        if x.dim() > 2:
-            # sum, then divide the [B, C] result: the sum's backward hands the input an
-            # expanded view of the pooled gradient (mean's materialises B×C×H×W values)
-            dims = tuple(range(2, x.dim()))
-            x = x.sum(dims) / math.prod(x.shape[2:])
-        return self.act1(self.norm1(self.fc1(x)))
+        return self.act1(self.norm1(self.fc1(global_pool(x))))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample logits ``[B, m, n + 1]`` (zero cell last)."""
-        z = self.fc2(self.hidden(x))
+        return self._logits(self.hidden(x))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(h)
         if not self.use_basis:
             return z.view(-1, self.num_mixtures, self.num_cells + 1)
         z = z.view(-1, self.num_mixtures, self.num_local + self.num_basis + 1)
@@ -143,7 +158,9 @@ class KWAttention(nn.Module):
 
     def attentions(self, x: torch.Tensor) -> torch.Tensor:
         """All ``n + 1`` attentions per mixture, ``[B, m, n + 1]`` (zero cell last)."""
-        logits = self.logits(x)
+        return self._normalise(self.logits(x))
+
+    def _normalise(self, logits: torch.Tensor) -> torch.Tensor:
         if self.attention_fn == 'caf' and self.init != 'none':
             return caf(logits, self.beta, self.temperature)
         normalised = ATTENTION_FUNCTION_IMPLS[self.attention_fn](logits)
@@ -152,9 +169,61 @@ class KWAttention(nn.Module):
         tau = self.temperature.to(normalised.dtype)
         return (1 - tau) * normalised + tau * self.beta.to(normalised.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Attentions ``α`` of shape ``[B, m, n]`` (the zero cell dropped)."""
-        return self.attentions(x)[..., :-1]
+    def forward(self, x: torch.Tensor, omni: bool = False):
+        """Attentions ``α`` of shape ``[B, m, n]`` (the zero cell dropped).
+
+        With ``omni`` (KW* layers only): ``(α, channel [B, in], filters
+        [B, out], spatial [B, positions] or None)``, ODConv's
+        attentions (sigmoids) from the same hidden vector.
+        """
+        if not omni:
+            return self.attentions(x)[..., :-1]
+        if not self.omni:
+            raise RuntimeError('omni=True needs an attention built with omni_attention=True')
+        h = self.hidden(x)
+        alpha = self._normalise(self._logits(h))[..., :-1]
+        return (alpha,) + tuple(None if fc is None else torch.sigmoid(fc(h))
+                                for fc in (self.channel_fc, self.filter_fc, self.spatial_fc))
+
+
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """The spatial mean ``[B, C]`` of ``x [B, C, *S]`` (``x`` itself when 2-D).
+
+    A sum divided on the pooled ``[B, C]`` values: the sum's backward hands
+    the input an expanded view of the pooled gradient (mean's materialises
+    B×C×H×W values).
+    """
+    if x.dim() <= 2:
+        return x
+    return x.sum(tuple(range(2, x.dim()))) / math.prod(x.shape[2:])
+
+
+class CAFMixing(nn.Module):
+    """CAF (paper Eq. 4) as the kernel attention of another dynamic convolution
+    (paper Table 10: DY-Conv and ODConv with "our CAF").
+
+    ``α = (1 − τ)·z / (Σ|z| + 1e-3) + τ·β`` over ``n`` kernels, with β one-hot
+    on the first kernel (the one-to-one initialisation of a layer with one
+    mixture, as KW's ``kernel_partition=False`` plans it), so that at τ = 1
+    the layer starts as a plain convolution with its first kernel. τ is a
+    persistent buffer set by :func:`set_temperature` and ``KWTemperatureHook``
+    like a KW attention's.
+
+    Args:
+        num_kernels (int): The kernels ``n`` the attention weights.
+        temperature (float): Initial τ in [0, 1]. Defaults to 1.
+    """
+
+    def __init__(self, num_kernels: int, temperature: float = 1.0) -> None:
+        super().__init__()
+        beta = torch.zeros(num_kernels)
+        beta[0] = 1.0
+        self.register_buffer('beta', beta, persistent=False)
+        self.register_buffer('temperature', torch.tensor(float(temperature)))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """Attentions ``[B, n]`` from logits ``[B, n]``."""
+        return caf(logits, self.beta, self.temperature)
 
 
 def caf_normalise(logits: torch.Tensor) -> torch.Tensor:
@@ -177,8 +246,13 @@ ATTENTION_FUNCTION_IMPLS = {
 }
 
 
+#: the modules whose τ :func:`set_temperature` sets.
+TAU_MODULES = (KWAttention, CAFMixing)
+
+
 def set_temperature(model: nn.Module, value: float) -> int:
-    """Set τ on every KW attention in ``model`` (wrapped or not).
+    """Set τ on every KW attention in ``model`` (wrapped or not), and on the
+    CAF kernel attentions of other dynamic convolutions (:class:`CAFMixing`).
 
     Args:
         model (nn.Module): Any module; wrappers such as DDP are traversed,
@@ -186,22 +260,23 @@ def set_temperature(model: nn.Module, value: float) -> int:
         value (float): The new temperature, in [0, 1].
 
     Returns:
-        int: How many KW attentions were updated.
+        int: How many attentions were updated.
     """
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f'temperature must be in [0, 1], got {value!r}')
     count = 0
     for module in model.modules():
-        if isinstance(module, KWAttention):
+        if isinstance(module, TAU_MODULES):
             module.temperature.fill_(value)
             count += 1
     return count
 
 
 def get_temperature(model: nn.Module) -> Optional[float]:
-    """τ of the first KW attention in ``model``, or None when it has none."""
+    """τ of the first KW attention (or :class:`CAFMixing`) in ``model``, or None
+    when it has none."""
     for module in model.modules():
-        if isinstance(module, KWAttention):
+        if isinstance(module, TAU_MODULES):
             return float(module.temperature)
     return None

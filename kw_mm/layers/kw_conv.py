@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import native
 from .attention import KWAttention
-from .execution.dispatch import conv_forward
+from .execution.dispatch import conv_forward, omni_kernels
 from .execution.export import is_exporting
 from .execution.geometry import CONV_FUNCTIONS, ConvGeometry, conv_geometry, mixture_to_kernel
 from .execution.kernel_basis import KernelBasisCache
@@ -176,10 +176,20 @@ class _KWConvNd(KWLayer):
                             self.mix_cells, self.assemble_kernel, self.recompute_kernels,
                             self._kernel_basis, self.inference_basis)
 
+    def per_sample_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample's kernel ``[B, out, in/groups, *k]`` for input ``x``:
+        assembled from the cells, and for KW* (``omni_attention``) multiplied
+        by ODConv's attentions."""
+        if not self.attention.omni:
+            return self.assemble_kernel(self.attention(x).to(x.dtype))
+        alpha, *extra = self.attention(x, omni=True)
+        extra = [None if a is None else a.to(x.dtype) for a in extra]
+        return omni_kernels(self.geometry, self.assemble_kernel, alpha.to(x.dtype), *extra)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The straightforward computation, kept for tests of the fast paths:
         assemble each sample's kernel and convolve each sample on its own."""
-        weight = self.assemble_kernel(self.attention(x).to(x.dtype))
+        weight = self.per_sample_kernels(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         conv = CONV_FUNCTIONS[self.ndim]
         return torch.cat([conv(x[b:b + 1], weight[b], bias, self.stride, self.padding,
@@ -241,8 +251,8 @@ class KWLinear(KWLayer):
         name (str, optional): The layer's name in the warehouse plan.
         device, dtype: As ``torch.nn.Linear``.
         **kw_options: KW options as keywords (``budget=0.5``), overriding
-            ``options``; not ``sharing``, ``share_across_shapes`` or
-            ``inference_basis``.
+            ``options``; not ``sharing``, ``share_across_shapes``,
+            ``inference_basis`` or ``omni_attention``.
     """
     ndim = 1
 
@@ -257,7 +267,10 @@ class KWLinear(KWLayer):
         self.in_features = in_features
         self.out_features = out_features
         options = layer_options('KWLinear', options, kw_options,
-                                excluded=SHARING_KEYS + ('inference_basis',))
+                                excluded=SHARING_KEYS + ('inference_basis', 'omni_attention'))
+        if options.omni_attention:
+            raise ValueError('KWLinear: omni_attention=True (KW*) applies to convolutions only; '
+                             'build the linear layer with omni_attention=False')
         kernel = KernelShape(name or 'KWLinear', out_features, in_features, (1,))
         self._setup_kw(kernel, in_features, warehouse, options)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None

@@ -31,7 +31,8 @@ PER_WAREHOUSE_KEYS = ('budget', 'cell_in_ratio', 'cell_out_ratio')
 #: built on its own owns its warehouse and does not take them as keywords.
 SHARING_KEYS = ('sharing', 'share_across_shapes')
 
-_BOOL_KEYS = ('share_across_shapes', 'kernel_partition', 'recompute_kernels', 'inference_basis')
+_BOOL_KEYS = ('share_across_shapes', 'kernel_partition', 'recompute_kernels', 'inference_basis',
+              'omni_attention')
 
 
 def _is_number(value: Any) -> bool:
@@ -107,6 +108,17 @@ class KWOptions:
             where that is cheaper than mixing the warehouse's cells
             (:mod:`kw_mm.layers.basis`). Ignored by ``KWLinear``. Defaults
             to True.
+        omni_attention (bool): KW* (paper appendix A.4, Table 17): each
+            layer's attention also computes ODConv's attentions along the
+            kernel's spatial positions, input channels and output channels
+            (sigmoids of three more FC layers on the attention's hidden
+            vector; none spatially for 1×1 layers; unlike ODConv, depth-wise
+            layers too get output-channel attentions, which gives the paper's
+            12.51M for MobileNetV2 KW* (4×)), which multiply each sample's
+            assembled kernel. Such a layer runs only through the paths that
+            convolve with the whole per-sample kernel
+            (:mod:`kw_mm.layers.execution.dense`). Convolutions only (not
+            ``KWLinear``). Defaults to False.
         where (str): Prefix naming the options in error messages, e.g.
             ``'kw_cfg.'``. Not stored. Defaults to ''.
     """
@@ -125,6 +137,7 @@ class KWOptions:
     kernel_partition: bool = True
     recompute_kernels: bool = True
     inference_basis: bool = True
+    omni_attention: bool = False
     where: InitVar[str] = ''
 
     def __post_init__(self, where: str) -> None:

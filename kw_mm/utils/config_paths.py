@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 #: the ``kw_mm`` package directory
 PACKAGE_DIR = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -113,13 +113,39 @@ def find_config(name_or_path: str) -> str:
     raise FileNotFoundError(f'config {name_or_path!r} not found {where}')
 
 
+def _get_cfg_path(cfg_path: str, filename: str) -> Tuple[str, Optional[str]]:
+    """``mmengine.config.Config._get_cfg_path`` with ``kw_mm::`` bases found by
+    :func:`find_config` (see :func:`register_mim_package`).
+
+    A ``kw_mm::`` base gets no scope of its own: kw_mm's configs take theirs
+    from their mmpretrain or mmdet bases, and kw_mm has no registry of its own
+    (its modules are in mmengine's root registries).
+    """
+    if cfg_path.startswith(PREFIX):
+        return find_config(cfg_path), None
+    return _mmengine_get_cfg_path(cfg_path, filename)
+
+
+_mmengine_get_cfg_path = None
+
+
 def register_mim_package() -> None:
     """Let mmengine resolve ``_base_ = 'kw_mm::<path>'`` in configs.
 
     mmengine accepts ``<package>::`` only for the packages in its
-    ``MODULE2PACKAGE`` table, then reads the base from the installed
-    package's ``.mim/configs``. Called when kw_mm is imported, so a config
-    parsed after ``import kw_mm`` may inherit kw_mm's configs.
+    ``MODULE2PACKAGE`` table, then reads the base from ``.mim/configs`` in
+    the folder it takes for the installed package, which for an editable
+    install (pip's, which maps the package with an import hook) or a checkout
+    on ``PYTHONPATH`` holds no configs. So kw_mm also has mmengine resolve
+    ``kw_mm::`` bases with :func:`find_config`: the installed package's
+    configs, or the checkout's ``configs/`` when kw_mm runs from a checkout.
+    Other bases are resolved as before. Called when kw_mm is imported, so a
+    config parsed after ``import kw_mm`` may inherit kw_mm's configs; calling
+    it again changes nothing.
     """
-    from mmengine.config import utils
+    global _mmengine_get_cfg_path
+    from mmengine.config import Config, utils
     utils.MODULE2PACKAGE.setdefault('kw_mm', 'kw_mm')
+    if Config._get_cfg_path is not _get_cfg_path:
+        _mmengine_get_cfg_path = Config._get_cfg_path
+        Config._get_cfg_path = staticmethod(_get_cfg_path)

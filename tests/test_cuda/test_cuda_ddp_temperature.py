@@ -5,35 +5,11 @@ import socket
 import pytest
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import BaseModel
-from torch import nn
-from torch.utils.data import Dataset
+from toy_training import ToyData, ToyModel
 
-from kw_mm import KWConv2d, get_temperature
+from kw_mm import get_temperature
 
 pytestmark = pytest.mark.cuda
-
-
-class ToyModel(BaseModel):
-    def __init__(self):
-        super().__init__()
-        self.conv = KWConv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, inputs, labels=None, mode='tensor'):
-        logits = self.head(self.conv(inputs).mean((2, 3)))
-        if mode == 'loss':
-            return dict(loss=nn.functional.cross_entropy(logits, labels))
-        return logits
-
-
-class ToyData(Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return dict(inputs=torch.randn(3, 6, 6, generator=g), labels=i % 2)
 
 
 class Record(Hook):

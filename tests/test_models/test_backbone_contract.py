@@ -252,3 +252,23 @@ def test_mobilenet_v2_aliases():
     with pytest.raises(AttributeError, match=r'ConvNormAct.conv is a read-only alias of 0'):
         model.features[0].conv = nn.Identity()
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize('make', [
+    lambda: KWResNet(18, frozen_stages=1), lambda: KWMobileNetV2(widen_factor=0.5),
+    lambda: KWConvNeXt(arch='atto')], ids=['resnet18-frozen', 'mobilenet_v2', 'convnext'])
+def test_meta_device_shapes_in_train_and_eval(make):
+    """On the meta device (shape-only builds, as mmengine's and mmpretrain's tools do) every
+    KW path runs and gives the shapes of a CPU run; the CPU-only paths (the native kernels,
+    the inference kernel basis) are not taken."""
+    with torch.device('meta'):
+        model = make()
+    for mode in (False, True):
+        model.train(mode)
+        for batch in (1, 2):
+            outs = model(torch.empty(batch, 3, 64, 64, device='meta'))
+            assert all(out.device.type == 'meta' and out.shape[0] == batch for out in outs)
+    outs[-1].sum().backward()
+    cells = [p for name, p in model.named_parameters()
+             if name.endswith('cells') and p.requires_grad]  # frozen stages' have none
+    assert cells and all(p.grad is not None and p.grad.device.type == 'meta' for p in cells)

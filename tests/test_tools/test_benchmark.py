@@ -83,6 +83,7 @@ def test_suite_pairs_each_measured_and_tabled(tmp_path):
     (['--onnx-batches', '1,0'], "--onnx-batches must be comma-separated positive ints, got '1,0'"),
     (['--onnx-batches', 'eight'], "--onnx-batches must be comma-separated positive ints"),
     (['--onnx-levels', 'all,fast'], "--onnx-levels: unknown level(s) ['fast']; choose from"),
+    (['--methods', 'resnet50'], '--onnx times the --suite pairs or two configs, not --methods'),
 ])
 def test_bad_onnx_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -118,3 +119,45 @@ def test_onnx_mode_runs_onnxruntime_not_pytorch(args, pairs, monkeypatch, capsys
     assert seen == dict(pairs={pairs: expected}, batches=[2, 4], levels=['disable'], threads=1,
                         reps=3)
     assert 'ONNX Runtime 1.' in capsys.readouterr().out  # the header names it
+
+
+def test_methods_mode_pairs_every_method_with_the_plain_model(monkeypatch, capsys):
+    tool = load_tool()
+    seen = {}
+
+    def fake_run(pairs, kinds, device, *args, **kwargs):
+        seen.update(pairs=pairs, kinds=kinds)
+        rows = []
+        for i, (name, (a, b)) in enumerate(pairs.items()):
+            for mode in ('infer', 'train'):
+                row = dict(pair=name, a=a, b=b, input='cls', mode=mode, ratio=1 / (i + 2),
+                           a_params=(i + 2) * 10**6, b_params=10**6)
+                if mode == 'train':
+                    row['memory_ratio'] = 1.5
+                rows.append(row)
+        return rows
+    monkeypatch.setattr(tool, 'run', fake_run)
+    tool.main(['--device', 'cpu', '--methods', 'resnet50,mobilenet_v2', '--inputs', 'cls',
+               '--same-process'])
+    methods = ['dyconv4x', 'odconv4x', 'kw1d2x', 'kw1x', 'kw4x']
+    assert list(seen['pairs']) == [f'{f}:{m}' for f in ('resnet50', 'mobilenet_v2')
+                                   for m in methods]
+    for name, (a, b) in seen['pairs'].items():
+        family, method = name.split(':')
+        plain = 'resnet50_8xb32' if family == 'resnet50' else 'mobilenet-v2_8xb32'
+        assert osp.basename(b).startswith(plain) and osp.basename(a).startswith(method)
+        assert osp.exists(osp.join(REPO_ROOT, a)) and osp.exists(osp.join(REPO_ROOT, b))
+    out = capsys.readouterr().out
+    assert '| resnet50 | odconv4x (cls) | 3.00M | 3.00x | 0.33x | 0.33x | 1.50x |' in out
+    assert out.count('(cls) |') == 10
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--methods', 'resnet18'], "--methods: unknown model famil(y/ies) ['resnet18']"),
+    (['--suite', 'resnet50:odconv8x'], "--suite: unknown pair(s) ['resnet50:odconv8x']"),
+])
+def test_methods_mode_bad_names_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(['--device', 'cpu', *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -208,6 +208,8 @@ def test_tool_on_the_demo_data(tmp_path, tool):
         capture_output=True, text=True, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'tau=0.5' in result.stdout
+    # mmengine's progress bar, advanced per batch (2 + 1 images)
+    assert ' 2/3, ' in result.stdout and ' 3/3, ' in result.stdout
     expected = (round(2 * PANEL_SIZE[0] * 20), round(2 * PANEL_SIZE[1] * 20))  # 4 warehouses
     with Image.open(tmp_path / 'ckpt.png') as image:
         assert image.size == expected

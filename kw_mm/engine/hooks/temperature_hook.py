@@ -1,4 +1,5 @@
-"""mmengine hooks that drive the KW attention temperature τ (paper Eq. 4)."""
+"""mmengine hooks that drive the KW attention temperature τ (paper Eq. 4) and the
+softmax temperature T of DY-Conv and ODConv."""
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -78,6 +79,88 @@ class KWTemperatureHook(Hook):
         tau = self.temperature_at(runner.iter, self.decay_iters(runner))
         set_runner_temperature(runner, tau)
         runner.message_hub.update_scalar('train/kw_temperature', tau)
+
+
+def set_dynamic_temperature(model: nn.Module, value: float) -> int:
+    """Set the temperature T of every ODConv / DY-Conv attention in ``model``.
+
+    Args:
+        model (nn.Module): Any module (wrappers such as DDP are traversed).
+        value (float): The new temperature, a finite number >= 1.
+
+    Returns:
+        int: How many attentions were updated.
+    """
+    from ...layers.dynamic.dyconv import DYConvAttention
+    from ...layers.dynamic.odconv import ODConvAttention, check_temperature
+    value = check_temperature(value, 'temperature')
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (ODConvAttention, DYConvAttention)):
+            module.temperature.fill_(value)
+            count += 1
+    return count
+
+
+@HOOKS.register_module()
+class DynamicConvTemperatureHook(Hook):
+    """The temperature annealing of DY-Conv (Chen et al., 2020) and ODConv:
+    the attentions' logits are divided by T, which falls linearly from
+    ``start`` (30) to ``end`` (1) over the first ``epochs`` (10) epochs.
+
+    T is recomputed from the runner's global iteration before every training
+    iteration (so a resumed run continues the schedule), written to the live
+    model and to EMA copies; validation and testing use the value of the
+    last training iteration (1 once the annealing is over).
+
+    Args:
+        epochs (float, optional): Length of the annealing in epochs. Defaults
+            to 10 (DY-Conv's and ODConv's).
+        iters (int, optional): Length in iterations, for iteration-based
+            loops; overrides ``epochs``.
+        start (float): T at iteration 0, at least 1. Defaults to 30.
+        end (float): T after the annealing, at least 1. Defaults to 1.
+    """
+
+    priority = 'HIGH'
+
+    def __init__(self, epochs: Optional[float] = 10, iters: Optional[int] = None,
+                 start: float = 30.0, end: float = 1.0) -> None:
+        from ...layers.dynamic.odconv import check_temperature
+        if iters is None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                              or not epochs > 0):
+            raise ValueError(f'epochs must be a positive number when iters is not given, '
+                             f'got epochs={epochs!r}')
+        if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int)
+                                  or iters <= 0):
+            raise ValueError(f'iters must be a positive int, got {iters!r}')
+        self.epochs = epochs
+        self.iters = iters
+        self.start = check_temperature(start, 'start')
+        self.end = check_temperature(end, 'end')
+
+    def decay_iters(self, runner) -> int:
+        if self.iters is not None:
+            return self.iters
+        return max(int(round(self.epochs * len(runner.train_dataloader))), 1)
+
+    def temperature_at(self, iteration: int, decay_iters: int) -> float:
+        """T at global iteration ``iteration`` of an annealing over ``decay_iters``."""
+        progress = min(iteration / decay_iters, 1.0)
+        return self.start + (self.end - self.start) * progress
+
+    def _apply(self, runner) -> float:
+        value = self.temperature_at(runner.iter, self.decay_iters(runner))
+        for model in _models_of(runner):
+            set_dynamic_temperature(model, value)
+        return value
+
+    def before_train(self, runner) -> None:
+        self._apply(runner)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        value = self._apply(runner)
+        runner.message_hub.update_scalar('train/dynamic_temperature', value)
 
 
 @HOOKS.register_module()

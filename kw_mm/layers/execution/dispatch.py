@@ -14,6 +14,12 @@ In order (the first that applies runs):
 6. everything else (CUDA; depth-wise layers on CPU): one grouped convolution
    whose groups are the samples (:mod:`.batched`).
 
+KW* layers (``KWOptions.omni_attention``: ODConv's attentions multiply each
+sample's assembled kernel) take none of these: the cell-level paths (kernel
+basis, fused, native on the mixtures) would leave those attentions out.
+They run through :mod:`.dense`, which convolves with the whole per-sample
+kernel (:func:`omni_forward`).
+
 Every test and threshold a choice reads is in :mod:`.conditions`. The paths
 take the layer's :class:`~.geometry.ConvGeometry`, tensors and the layer's
 assembly functions (``mix_cells``: attentions to mixtures, paper Eq. 3;
@@ -30,9 +36,10 @@ from ..attention import KWAttention
 from ..recompute import run_with_kernel
 from .batched import batched_kernel, run_batched, run_empty, run_single
 from .conditions import native_batch_paths, pointwise_native_applies
+from .dense import dense_forward, fold_channel_attentions
 from .export import is_exporting, run_export
 from .fused import try_fused
-from .geometry import ConvGeometry, padded_input
+from .geometry import ConvGeometry, padded_input, whole_kernel_geometry
 from .kernel_basis import KernelBasisCache, try_kernel_basis
 from .per_sample import run_per_sample
 from .pointwise import run_pointwise
@@ -58,6 +65,8 @@ def conv_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
         kernel_basis (KernelBasisCache): The layer's kernel-basis cache.
         inference_basis (bool): Whether the kernel-basis path may run.
     """
+    if attention.omni:  # KW*: only the whole-kernel paths see ODConv's attentions
+        return omni_forward(g, x, attention, assemble_kernel, bias, recompute_kernels)
     if bias is not None:
         bias = bias.to(x.dtype)
     if x.shape[0] == 0:
@@ -82,7 +91,7 @@ def conv_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
         if out is None:
             out = run_with_kernel(alpha, lambda w: run_pointwise(g, x, w), assemble_kernel,
                                   recompute_kernels)
-    elif not x.is_cuda and not g.depthwise:
+    elif x.device.type == 'cpu' and not g.depthwise:
         # CPU, dense or grouped: per sample, kernels reordered one at a time (per_sample.py);
         # depth-wise ones run fastest as one convolution with B× the groups (below)
         x = padded_input(g, x)
@@ -97,3 +106,44 @@ def conv_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
     if bias is not None:
         out = out + bias.view(g.bias_view)
     return out
+
+
+def omni_kernels(g: ConvGeometry, assemble_kernel: Assembly, alpha: torch.Tensor,
+                 channel: torch.Tensor, filters: Optional[torch.Tensor],
+                 spatial: Optional[torch.Tensor]) -> torch.Tensor:
+    """A KW* layer's per-sample kernels ``[B, out, in/groups, *k]``: the kernels
+    assembled from ``alpha [B, m, n]``, multiplied by ODConv's spatial
+    (``[B, positions]``), input-channel (``[B, in]``) and output-channel
+    (``[B, out]``) attentions."""
+    kernel = assemble_kernel(alpha)
+    if spatial is not None:
+        batch = kernel.shape[0]
+        kernel = kernel * spatial.view(batch, 1, 1, *g.kernel_size)
+    return fold_channel_attentions(kernel, channel, filters, g.groups)
+
+
+def omni_forward(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
+                 assemble_kernel: Assembly, bias: Optional[torch.Tensor],
+                 recompute_kernels: bool) -> torch.Tensor:
+    """A KW* convolution of ``x``: :func:`omni_kernels` through
+    :func:`~.dense.dense_forward` (every path there convolves each sample with
+    its whole kernel). The attentions travel as one coefficient tensor, from
+    which backward can rebuild the kernels."""
+    alpha, channel, filters, spatial = attention(x, omni=True)
+    mixtures, cells = alpha.shape[1:]
+    parts = [alpha.flatten(1), channel, filters, spatial]
+    present = [p is not None for p in parts]
+    parts = [p for p in parts if p is not None]
+    sizes = [p.shape[1] for p in parts]
+
+    def make(coefficients: torch.Tensor) -> torch.Tensor:
+        pieces = iter(coefficients.split(sizes, dim=1))
+        alpha_, channel_, filters_, spatial_ = (next(pieces) if here else None
+                                                for here in present)
+        return omni_kernels(g, assemble_kernel,
+                            alpha_.reshape(coefficients.shape[0], mixtures, cells), channel_,
+                            filters_, spatial_)
+
+    whole = whole_kernel_geometry(g.in_channels, g.out_channels, g.kernel_size, g.stride,
+                                  g.padding, g.dilation, g.groups)
+    return dense_forward(whole, x, torch.cat(parts, dim=1), make, bias, recompute_kernels)

@@ -122,6 +122,33 @@ def conv_geometry(plan: LayerPlan, warehouse: WarehousePlan, in_channels: int,
         bias_view=(1, -1) + ones)
 
 
+def whole_kernel_geometry(in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
+                          stride: Tuple[int, ...], padding: Union[str, Tuple[int, ...]],
+                          dilation: Tuple[int, ...], groups: int) -> ConvGeometry:
+    """The :class:`ConvGeometry` of a layer whose per-sample kernel is assembled
+    whole, in the convolution's own layout ``[out, in/groups, *k]`` (one
+    "mixture" that is the kernel): the dynamic convolutions of
+    :mod:`kw_mm.layers.dynamic` and KW layers with ODConv's attentions (KW*).
+    The paths of :mod:`.dense` read it; none of the warehouse paths applies."""
+    ndim = len(kernel_size)
+    conv_padding, extra_pad = explicit_padding(padding, kernel_size, dilation)
+    ones, zeros = (1,) * ndim, (0,) * ndim
+    return ConvGeometry(
+        ndim=ndim, in_channels=in_channels, out_channels=out_channels,
+        kernel_size=kernel_size, stride=stride, padding=padding, conv_padding=conv_padding,
+        extra_pad=extra_pad, dilation=dilation, groups=groups,
+        pointwise=(kernel_size == ones and groups == 1 and padding in (zeros, 'valid')
+                   and dilation == ones),
+        unit_stride=stride == ones, depthwise=in_channels == groups,
+        partitioned=False, num_cells=1, private_cells=0, num_mixtures=1, out_groups=1,
+        in_groups=1, cell_out=out_channels, cell_in=in_channels // groups,
+        spatial_positions=math.prod(kernel_size),
+        kernel_numel=out_channels * in_channels * math.prod(kernel_size),
+        kernel_shape=(out_channels, in_channels // groups, *kernel_size),
+        taps_geometry=(kernel_size, stride, conv_padding, dilation),
+        bias_view=(1, -1) + ones)
+
+
 def padded_input(geometry: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
     """``x`` with the extra ``F.pad`` of ``'same'`` padding (see :func:`explicit_padding`)."""
     extra = geometry.extra_pad

@@ -49,8 +49,8 @@ def kernel_basis_rows(attention: KWAttention, with_beta: bool) -> Optional[int]:
     attentions are not affine in the hidden vector (softmax, sigmoid,
     ReLU-normalised; the non-local low-rank logits of released 1/2x models
     are affine too but not implemented here)."""
-    if attention.attention_fn != 'caf' or attention.use_basis:
-        return None
+    if attention.attention_fn != 'caf' or attention.use_basis or attention.omni:
+        return None  # (KW* layers' ODConv attentions are not affine in h)
     return attention.fc2.in_features + 1 + int(with_beta)
 
 
@@ -131,7 +131,7 @@ def hooked(module: nn.Module) -> bool:
 def try_kernel_basis(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
                      cells: torch.Tensor, cache: KernelBasisCache,
                      enabled: bool) -> Optional[torch.Tensor]:
-    """Inference (no autograd graph) through the layer's cached kernel basis
+    """CPU inference (no autograd graph) through the layer's cached kernel basis
     with :func:`kw_mm.native.fused_conv2d_taps` (:func:`~.fused.run_fused`),
     where the fused path applies and :func:`~.conditions.kernel_basis_pays`;
     else None (without bias). A forward that builds a graph drops the cache.
@@ -143,7 +143,7 @@ def try_kernel_basis(g: ConvGeometry, x: torch.Tensor, attention: KWAttention,
                                     or attention.fc2.weight.requires_grad):
         cache.clear()
         return None
-    if not enabled or is_exporting() or x.is_cuda or hooked(attention):
+    if not enabled or is_exporting() or x.device.type != 'cpu' or hooked(attention):
         return None
     beta = with_beta(attention)
     rows = kernel_basis_rows(attention, beta)

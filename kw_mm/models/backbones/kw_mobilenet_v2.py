@@ -28,10 +28,17 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
+from ...layers.dynamic import DynamicConvBuilder
 from ...layers.options import KWOptions
 from .aliases import AliasGuard, ReadOnlyAlias, alias
 from .checkpointing import check_with_cp, run_block
-from .utils import KWBaseBackbone, check_out_indices, freeze_modules
+from .utils import (
+    DEFAULT_KW_CFG,
+    KWBaseBackbone,
+    check_out_indices,
+    conv_configs,
+    freeze_modules,
+)
 
 #: the KW layouts :class:`KWMobileNetV2` can build (see its docstring).
 KW_LAYOUTS = ('pointwise_depthwise', 'expansion_depthwise_reduction', 'compact')
@@ -188,6 +195,22 @@ def mobilenet_v2_kw_layout(widen_factor: float, layout: str, in_channels: int = 
     return specs, overrides
 
 
+def mobilenet_v2_dynamic_layout(method: str, widen_factor: float) -> List[str]:
+    """The layers a ``dynamic_cfg`` method makes dynamic, in ``modules()`` order:
+    every convolution of the inverted residual blocks (expansion, depth-wise,
+    reduction) and the final 1×1 convolution, and for ``'ODConv'`` also the
+    stem. These give the paper's parameter counts: ODConv (4×) 11.52M with
+    the stem (its released code keeps the stem plain: 11.51M), DY-Conv (4×)
+    12.40M without."""
+    _, blocks, _ = block_settings(widen_factor)
+    names: List[str] = ['features.0.0'] if method == 'ODConv' else []
+    for block in blocks:
+        if block.expansion_name is not None:
+            names.append(block.expansion_name)
+        names += [block.depthwise_name, block.reduction_name]
+    return names + [f'features.{len(blocks) + 1}.0']
+
+
 def _block(block) -> str:
     """Module path of an inverted-residual block (``'features.3'``), for ``sharing='layer'``."""
     return '.'.join(block.depthwise_name.split('.')[:2])
@@ -270,7 +293,9 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
     ``kw_cfg.budget``; the released model also puts its classifier in a
     warehouse, see :class:`kw_mm.models.heads.KWLinearClsHead`). With
     ``kw_cfg=None`` every convolution is plain, giving the baseline
-    MobileNetV2 with the same module names.
+    MobileNetV2 with the same module names. ``dynamic_cfg`` builds another
+    dynamic convolution instead of KW (the paper's comparisons; layers:
+    :func:`mobilenet_v2_dynamic_layout`).
 
     Stages (for ``out_indices`` / ``frozen_stages``) are those of
     mmpretrain's ``MobileNetV2``: stage ``i`` in 0..6 is row ``i`` of the
@@ -302,9 +327,15 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
         with_cp (bool): Activation checkpointing of every inverted residual
             block whose input requires grad, as mmpretrain's ``with_cp`` (see
             :mod:`kw_mm.models.backbones.checkpointing`). Defaults to False.
+        dynamic_cfg (dict, optional): Another dynamic convolution instead of
+            KW: ``type`` (``'ODConv'``, ``'CondConv'`` or ``'DYConv'``) and the
+            options of its layer (:class:`~kw_mm.layers.dynamic.ODConv2d`
+            etc.), e.g. ``dict(type='ODConv', kernel_num=4)``. Excludes
+            ``kw_cfg`` (left at its default it is ignored) and ``kw_layout``.
+            Defaults to None.
         init_cfg (dict | list[dict], optional): mmengine init config.
             Defaults to Kaiming for ``Conv2d`` and constant 1 for norms (KW
-            layers initialise themselves).
+            and dynamic layers initialise themselves).
 
     mmpretrain's module names are read-only aliases of the released ones:
     ``conv1`` is ``features.0``, ``layer1`` … ``layer7`` the blocks of stages
@@ -331,11 +362,12 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
     num_stages = len(arch_settings) + 1
 
     def __init__(self, widen_factor: float = 1.0,
-                 kw_cfg: Optional[Dict[str, Any]] = dict(budget=1.0),
+                 kw_cfg: Optional[Dict[str, Any]] = DEFAULT_KW_CFG,
                  kw_layout: Optional[str] = None, in_channels: int = 3,
                  out_indices: Sequence[int] = (7, ), frozen_stages: int = -1,
                  norm_cfg: dict = dict(type='BN'), act_cfg: dict = dict(type='ReLU6'),
                  norm_eval: bool = False, with_cp: bool = False,
+                 dynamic_cfg: Optional[Dict[str, Any]] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         if init_cfg is None:
             init_cfg = [dict(type='Kaiming', layer=['Conv2d']),
@@ -357,13 +389,21 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
                              f'stem and stages 0..i-1), got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.kw_options = KWOptions.from_kw_cfg(kw_cfg)
+        self.kw_options, self.dynamic = conv_configs('KWMobileNetV2', kw_cfg, dynamic_cfg)
+        if self.dynamic is not None and kw_layout is not None:
+            raise ValueError(f'KWMobileNetV2: kw_layout={kw_layout!r} is a KW layout; with '
+                             f'dynamic_cfg it must be None')
         self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
+        self.dynamic_cfg = None if self.dynamic is None else self.dynamic.as_dict()
         self.kw_layout = (None if self.kw_options is None else
                           kw_layout or default_kw_layout(self.kw_options.budget))
 
         stem, blocks, last = block_settings(self.widen_factor)
-        if self.kw_options:
+        if self.dynamic is not None:
+            builder = DynamicConvBuilder(
+                mobilenet_v2_dynamic_layout(self.dynamic.method, self.widen_factor),
+                self.dynamic)
+        elif self.kw_options:
             specs, overrides = mobilenet_v2_kw_layout(self.widen_factor, self.kw_layout,
                                                       in_channels)
             builder = WarehouseBuilder(specs, self.kw_options, per_warehouse=overrides)

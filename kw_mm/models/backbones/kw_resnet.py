@@ -10,13 +10,16 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
+from ...layers.dynamic import DynamicConvBuilder
 from ...layers.options import KWOptions
 from .aliases import AliasGuard, alias
 from .checkpointing import check_with_cp, run_block
 from .utils import (
+    DEFAULT_KW_CFG,
     KWBaseBackbone,
     check_frozen_stages,
     check_out_indices,
+    conv_configs,
     freeze_modules,
     pretrained_cfg,
 )
@@ -153,6 +156,47 @@ def resnet_kw_layout(depth: int, stem_channels: int = 64, base_channels: int = 6
     return specs, stage_blocks
 
 
+def resnet_dynamic_layout(method: str, depth: int, num_stages: int = 4,
+                          strides: Sequence[int] = (1, 2, 2, 2), stem_channels: int = 64,
+                          base_channels: int = 64) -> Tuple[List[str], Dict[str, str]]:
+    """The layers a ``dynamic_cfg`` method makes dynamic, in construction order,
+    and the residual block of each (CondConv shares one routing per block).
+
+    The layouts of the methods' own code, which give the paper's parameter
+    counts (stem plain in every one):
+
+    * ``'ODConv'``: every convolution of the residual blocks, the
+      shortcuts' downsampling convolutions plain (ODConv's ``od_resnet``);
+    * ``'DYConv'``: every convolution of the residual blocks and the
+      downsampling convolutions;
+    * ``'CondConv'``: the convolutions of the last :data:`CONDCONV_BLOCKS`
+      residual blocks (downsampling plain), plus a CondConv classifier in
+      the head (:class:`~kw_mm.models.heads.CondConvLinearClsHead`).
+    """
+    block, stage_blocks = KWResNet.arch_settings[depth]
+    convs = ('conv1', 'conv2') if block is BasicBlock else ('conv1', 'conv2', 'conv3')
+    blocks: List[Tuple[str, bool]] = []  # (block, has a downsampling convolution)
+    channels = stem_channels
+    for i, num_blocks in enumerate(stage_blocks[:num_stages]):
+        out_channels = base_channels * 2**i * block.expansion
+        for j in range(num_blocks):
+            down = j == 0 and (strides[i] != 1 or channels != out_channels)
+            blocks.append((f'layer{i + 1}.{j}', down))
+            channels = out_channels
+    if method == 'CondConv':
+        blocks = blocks[-CONDCONV_BLOCKS:]
+    names: Dict[str, str] = {}
+    for name, down in blocks:
+        if down and method == 'DYConv':  # (KWResNet builds it before the block's convolutions)
+            names[f'{name}.downsample.0'] = name
+        names.update((f'{name}.{conv}', name) for conv in convs)
+    return list(names), names
+
+
+#: the residual blocks at the end of a ResNet that CondConv makes dynamic.
+CONDCONV_BLOCKS = 3
+
+
 @MODELS.register_module()
 class KWResNet(AliasGuard, KWBaseBackbone):
     """ResNet backbone with KernelWarehouse convolutions.
@@ -163,6 +207,8 @@ class KWResNet(AliasGuard, KWBaseBackbone):
     warehouse per stage with each stage's first convolution and downsample
     drawing from the previous stage's warehouse. With ``kw_cfg=None`` every
     convolution is plain, giving the baseline ResNet with the same names.
+    ``dynamic_cfg`` builds another dynamic convolution instead of KW (the
+    paper's comparisons; layers: :func:`resnet_dynamic_layout`).
 
     Args:
         depth (int): 18, 34, 50, 101 or 152.
@@ -198,6 +244,11 @@ class KWResNet(AliasGuard, KWBaseBackbone):
             Defaults to True.
         drop_path_rate (float): Stochastic depth, linearly increasing over
             blocks. Defaults to 0.
+        dynamic_cfg (dict, optional): Another dynamic convolution instead of
+            KW: ``type`` (``'ODConv'``, ``'CondConv'`` or ``'DYConv'``) and the
+            options of its layer (:class:`~kw_mm.layers.dynamic.ODConv2d`
+            etc.), e.g. ``dict(type='ODConv', kernel_num=4)``. Excludes
+            ``kw_cfg`` (left at its default it is ignored). Defaults to None.
         init_cfg (dict | list[dict], optional): mmengine init config.
 
     The module names are those of the released models (``bn1``, ``layerN.M.bn1``);
@@ -214,14 +265,15 @@ class KWResNet(AliasGuard, KWBaseBackbone):
         152: (Bottleneck, (3, 8, 36, 3)),
     }
 
-    def __init__(self, depth: int, kw_cfg: Optional[Dict[str, Any]] = dict(budget=1.0),
+    def __init__(self, depth: int, kw_cfg: Optional[Dict[str, Any]] = DEFAULT_KW_CFG,
                  in_channels: int = 3, stem_channels: int = 64, base_channels: int = 64,
                  num_stages: int = 4, strides: Sequence[int] = (1, 2, 2, 2),
                  dilations: Sequence[int] = (1, 1, 1, 1), out_indices: Sequence[int] = (3,),
                  style: str = 'pytorch', frozen_stages: int = -1,
                  norm_cfg: dict = dict(type='BN', requires_grad=True), norm_eval: bool = False,
                  with_cp: bool = False, zero_init_residual: bool = True,
-                 drop_path_rate: float = 0.0, init_cfg=None) -> None:
+                 drop_path_rate: float = 0.0, dynamic_cfg: Optional[Dict[str, Any]] = None,
+                 init_cfg=None) -> None:
         if init_cfg is None:
             init_cfg = [dict(type='Kaiming', layer=['Conv2d']),
                         dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm'])]
@@ -244,14 +296,20 @@ class KWResNet(AliasGuard, KWBaseBackbone):
         self.frozen_stages = check_frozen_stages(frozen_stages, num_stages)
         self.norm_eval = norm_eval
         self.zero_init_residual = zero_init_residual
-        self.kw_options = KWOptions.from_kw_cfg(kw_cfg)
+        self.kw_options, self.dynamic = conv_configs('KWResNet', kw_cfg, dynamic_cfg)
         self.kw_cfg = None if self.kw_options is None else self.kw_options.as_dict()
+        self.dynamic_cfg = None if self.dynamic is None else self.dynamic.as_dict()
 
         block, _ = self.arch_settings[depth]
         specs, stage_blocks = resnet_kw_layout(depth, stem_channels, base_channels,
                                                num_stages, strides)
-        builder = WarehouseBuilder(specs if self.kw_options else [],
-                                   self.kw_options or KWOptions())
+        if self.dynamic is not None:
+            names, groups = resnet_dynamic_layout(self.dynamic.method, depth, num_stages,
+                                                  strides, stem_channels, base_channels)
+            builder = DynamicConvBuilder(names, self.dynamic, groups)
+        else:
+            builder = WarehouseBuilder(specs if self.kw_options else [],
+                                       self.kw_options or KWOptions())
         if self.kw_options:
             self.warehouses = builder.warehouses
 

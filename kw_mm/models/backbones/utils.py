@@ -1,7 +1,7 @@
 """Argument checks and freezing shared by the KW backbones."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseModule
 from torch import nn
@@ -9,6 +9,34 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...checkpoint.verify import CheckpointMismatchError, check_state_dict_fits
 from ...layers import KWLayer
+from ...layers.dynamic import DynamicConv2d, DynamicConvConfig, parse_dynamic_cfg
+from ...layers.options import KWOptions
+
+#: the backbones' default ``kw_cfg`` (KW at b = 1); a backbone given
+#: ``dynamic_cfg`` and this very object builds no KW layers.
+DEFAULT_KW_CFG = dict(budget=1.0)
+
+
+def conv_configs(backbone: str, kw_cfg, dynamic_cfg, defaults=None
+                 ) -> Tuple[Optional[KWOptions], Optional[DynamicConvConfig]]:
+    """A backbone's checked ``kw_cfg`` and ``dynamic_cfg``, which exclude each other.
+
+    ``kw_cfg`` left at its default (:data:`DEFAULT_KW_CFG`) counts as None when
+    ``dynamic_cfg`` is given.
+
+    Raises:
+        ValueError: both are given (naming them), or either is invalid.
+    """
+    dynamic = parse_dynamic_cfg(dynamic_cfg)
+    if dynamic is not None and kw_cfg is DEFAULT_KW_CFG:
+        kw_cfg = None
+    if dynamic is not None and kw_cfg is not None:
+        given = dict(kw_cfg) if isinstance(kw_cfg, Mapping) else kw_cfg
+        raise ValueError(f'{backbone}: kw_cfg and dynamic_cfg are mutually exclusive (a layer is '
+                         f'either KernelWarehouse or another dynamic convolution), got '
+                         f'kw_cfg={given!r} and dynamic_cfg={dict(dynamic_cfg)!r}; set '
+                         f'kw_cfg=None to build {dynamic.method}')
+    return KWOptions.from_kw_cfg(kw_cfg, defaults=defaults), dynamic
 
 
 def check_out_indices(out_indices, num_stages: int, name: str = 'out_indices') -> Tuple[int, ...]:
@@ -62,7 +90,8 @@ def pretrained_cfg(init_cfg):
 
 
 def reset_kw_attentions(module: nn.Module) -> None:
-    """Give every KW layer in ``module`` its own attention initialisation back.
+    """Give every KW layer and dynamic convolution in ``module`` its own
+    attention initialisation back.
 
     Classifier-level init configs such as mmpretrain's
     ``TruncNormal(layer=['Conv2d', 'Linear'])`` also hit the attentions' FC
@@ -71,6 +100,8 @@ def reset_kw_attentions(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, KWLayer):
             layer.attention.reset_parameters()
+        elif isinstance(layer, DynamicConv2d) and 'attention' in layer._modules:
+            layer.attention.reset_parameters()  # (a shared one: by the layer owning it)
 
 
 class KWBaseBackbone(BaseModule):
