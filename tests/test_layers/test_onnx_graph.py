@@ -26,6 +26,8 @@ CASES = [
                                             kernel_partition=False), (6, 6)),
     ('1x1 kernel basis', lambda: KWConv2d(8, 12, 1, budget=40), (5, 5)),
     ('3x3 kernel basis', lambda: KWConv2d(8, 12, 3, padding=1, budget=16), (5, 5)),
+    ('KW* (ODConv attentions)', lambda: KWConv2d(8, 12, 3, padding=1, budget=1,
+                                                 omni_attention=True), (6, 6)),
     ('1-d dilated', lambda: KWConv1d(8, 8, 3, padding=2, dilation=2, budget=1), (9, )),
     ('3-d', lambda: KWConv3d(4, 8, 3, padding=1, budget=1), (3, 4, 5)),
 ]

@@ -23,8 +23,9 @@ active, KW convolutions instead compute (see :func:`onnx_conv_forward`):
 
 The batch size is dynamic throughout: it is the ``-1`` of every Reshape and
 the length of every Scan. Layers whose cells are private to each mixture
-(``sharing=False``) or that are not partitioned assemble their kernels as
-the layer does and take step 3.
+(``sharing='none'``), that are not partitioned or that have ODConv's
+attentions (KW*, ``omni_attention``) build their kernels as the layer does
+and take step 3.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def kernel_basis_for(layer: nn.Module) -> Optional[Tuple[torch.Tensor, bool]]:
     current weights and τ (call it before tracing: it reads τ's value)."""
     g: ConvGeometry = layer.geometry
     attention = layer.attention
-    if not (layer.inference_basis and g.partitioned and not g.private_cells):
+    if not (layer.inference_basis and g.partitioned and not g.private_cells
+            and not attention.omni):
         return None
     beta = with_beta(attention)
     rows = kernel_basis_rows(attention, beta)
@@ -172,15 +174,15 @@ def onnx_conv_forward(layer: nn.Module, x: torch.Tensor,
         raise ValueError(f'{type(layer).__name__} expects a {layer.ndim + 2}-D input '
                          f'[B, C, ...], got shape {tuple(x.shape)}')
     g: ConvGeometry = layer.geometry
-    shared = g.partitioned and not g.private_cells
+    shared = g.partitioned and not g.private_cells and not layer.attention.omni
     if shared:
         mixed = mixtures(layer, x, basis)
         if g.pointwise:
             out = pointwise_conv(g, x, mixed)
         else:
             out = per_sample_conv(g, x, kernel_from_mixtures(g, mixed))
-    else:
-        out = per_sample_conv(g, x, layer.assemble_kernel(layer.attention(x).to(x.dtype)))
+    else:  # the layer's own kernels (with ODConv's attentions for KW*)
+        out = per_sample_conv(g, x, layer.per_sample_kernels(x))
     if layer.bias is not None:
         out = out + layer.bias.to(x.dtype).view(g.bias_view)
     return out
