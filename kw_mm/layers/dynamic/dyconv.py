@@ -26,11 +26,8 @@ from ..options import IntOrTuple
 from .base import (
     Attentions,
     DynamicConv2d,
-    check_choice,
-    check_positive_int,
-    check_positive_number,
 )
-from .odconv import KERNEL_ATTENTIONS, check_temperature
+from .odconv import ATTENTION_OPTIONS, check_attention_option
 
 
 class DYConvAttention(nn.Module):
@@ -119,15 +116,8 @@ class DYConv2d(DynamicConv2d):
 
     @classmethod
     def check_option(cls, name: str, value: Any, label: str) -> Any:
-        if name == 'reduction':
-            return check_positive_number(value, label, 'the attention hidden width / '
-                                         'in_channels, e.g. 1/4')
-        if name == 'min_hidden':
-            return check_positive_int(value, label, 'the smallest attention hidden width')
-        if name == 'attention_fn':
-            return check_choice(value, label, KERNEL_ATTENTIONS)
-        if name == 'temperature':
-            return check_temperature(value, label)
+        if name in ATTENTION_OPTIONS:
+            return check_attention_option(name, value, label, reduction_example='1/4')
         return super().check_option(name, value, label)
 
     def attend(self, x: torch.Tensor) -> Attentions:

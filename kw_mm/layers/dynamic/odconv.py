@@ -47,6 +47,22 @@ def check_temperature(value: Any, label: str) -> float:
     return float(value)
 
 
+#: the attention options DY-Conv and ODConv share, checked by :func:`check_attention_option`
+ATTENTION_OPTIONS = ('reduction', 'min_hidden', 'attention_fn', 'temperature')
+
+
+def check_attention_option(name: str, value: Any, label: str, reduction_example: str) -> Any:
+    """One of :data:`ATTENTION_OPTIONS` checked (``label`` names it in the message)."""
+    if name == 'reduction':
+        return check_positive_number(value, label, 'the attention hidden width / '
+                                     f'in_channels, e.g. {reduction_example}')
+    if name == 'min_hidden':
+        return check_positive_int(value, label, 'the smallest attention hidden width')
+    if name == 'attention_fn':
+        return check_choice(value, label, KERNEL_ATTENTIONS)
+    return check_temperature(value, label)
+
+
 class ODConvAttention(nn.Module):
     """ODConv's attention branch for one layer.
 
@@ -164,15 +180,8 @@ class ODConv2d(DynamicConv2d):
 
     @classmethod
     def check_option(cls, name: str, value: Any, label: str) -> Any:
-        if name == 'reduction':
-            return check_positive_number(value, label, 'the attention hidden width / '
-                                         'in_channels, e.g. 1/16')
-        if name == 'min_hidden':
-            return check_positive_int(value, label, 'the smallest attention hidden width')
-        if name == 'attention_fn':
-            return check_choice(value, label, KERNEL_ATTENTIONS)
-        if name == 'temperature':
-            return check_temperature(value, label)
+        if name in ATTENTION_OPTIONS:
+            return check_attention_option(name, value, label, reduction_example='1/16')
         return super().check_option(name, value, label)
 
     def attend(self, x: torch.Tensor) -> Attentions:
