@@ -24,9 +24,9 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
-from ...layers.options import PER_WAREHOUSE_KEYS, KWOptions
+from ...layers.options import KWOptions
 from .checkpointing import check_with_cp, run_block
-from .utils import KWBaseBackbone, check_out_indices, freeze_modules
+from .utils import KWBaseBackbone, add_warehouse_overrides, check_out_indices, freeze_modules
 
 #: the KW layouts :class:`KWConvNeXt` can build (see its docstring).
 KW_LAYOUTS = ('released', 'paper')
@@ -354,20 +354,8 @@ class KWConvNeXt(KWBaseBackbone):
             overrides = {name: dict(budget=1.0) for name in names}
             for name, options in paper_3_4x_overrides(self.depths).items():
                 overrides[name].update(options)
-        if kw_warehouses is None:
-            return overrides
-        if not isinstance(kw_warehouses, Mapping):
-            raise TypeError(f'kw_warehouses must be a dict or None, got '
-                            f'{type(kw_warehouses).__name__}')
-        for name, options in kw_warehouses.items():
-            if name not in names:
-                raise ValueError(f'kw_warehouses has unknown warehouse {name!r}; the '
-                                 f'{self.kw_layout!r} layout has {names}')
-            if not isinstance(options, Mapping) or set(options) - set(PER_WAREHOUSE_KEYS):
-                raise ValueError(f'kw_warehouses[{name!r}] must be a dict with keys among '
-                                 f'{PER_WAREHOUSE_KEYS}, got {options!r}')
-            overrides.setdefault(name, {}).update(options)
-        return overrides
+        return add_warehouse_overrides(overrides, kw_warehouses, names,
+                                       f'the {self.kw_layout!r} layout')
 
     @classmethod
     def warehouse_names(cls, arch: Union[str, Mapping[str, Sequence[int]]] = 'tiny',

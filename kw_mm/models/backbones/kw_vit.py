@@ -28,8 +28,14 @@ from mmpretrain.models.utils import LayerScale, build_norm_layer, to_2tuple
 from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
-from ...layers.options import PER_WAREHOUSE_KEYS, KWOptions
-from .utils import KWBaseBackbone, check_frozen_stages, check_out_indices, freeze_modules
+from ...layers.options import KWOptions
+from .utils import (
+    KWBaseBackbone,
+    add_warehouse_overrides,
+    check_frozen_stages,
+    check_out_indices,
+    freeze_modules,
+)
 
 
 class KWMultiheadAttention(BaseModule):
@@ -377,20 +383,7 @@ class KWVisionTransformer(KWBaseBackbone, VisionTransformer):
                        ) -> Dict[Hashable, Dict[str, Any]]:
         names = list(dict.fromkeys(spec.warehouse for spec in specs))
         overrides: Dict[Hashable, Dict[str, Any]] = {}
-        if kw_warehouses is None:
-            return overrides
-        if not isinstance(kw_warehouses, Mapping):
-            raise TypeError(f'kw_warehouses must be a dict or None, got '
-                            f'{type(kw_warehouses).__name__}')
-        for name, options in kw_warehouses.items():
-            if name not in names:
-                raise ValueError(f'kw_warehouses has unknown warehouse {name!r}; this layout '
-                                 f'has {names}')
-            if not isinstance(options, Mapping) or set(options) - set(PER_WAREHOUSE_KEYS):
-                raise ValueError(f'kw_warehouses[{name!r}] must be a dict with keys among '
-                                 f'{PER_WAREHOUSE_KEYS}, got {options!r}')
-            overrides.setdefault(name, {}).update(options)
-        return overrides
+        return add_warehouse_overrides(overrides, kw_warehouses, names, 'this layout')
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:

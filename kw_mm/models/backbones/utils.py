@@ -1,7 +1,7 @@
 """Argument checks and freezing shared by the KW backbones."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseModule
 from torch import nn
@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ...checkpoint.verify import CheckpointMismatchError, check_state_dict_fits
 from ...layers import KWLayer
 from ...layers.dynamic import DynamicConv2d, DynamicConvConfig, parse_dynamic_cfg
-from ...layers.options import KWOptions
+from ...layers.options import PER_WAREHOUSE_KEYS, KWOptions
 
 #: the backbones' default ``kw_cfg`` (KW at b = 1); a backbone given
 #: ``dynamic_cfg`` and this very object builds no KW layers.
@@ -78,6 +78,36 @@ def freeze_modules(modules: Iterable[nn.Module]) -> None:
         for layer in module.modules():
             if isinstance(layer, KWLayer):
                 layer.kw_warehouse.cells.requires_grad = False
+
+
+
+def add_warehouse_overrides(overrides: Dict[Hashable, Dict[str, Any]],
+                            kw_warehouses: Optional[Mapping[str, Mapping[str, Any]]],
+                            names: Sequence[Hashable], layout: str
+                            ) -> Dict[Hashable, Dict[str, Any]]:
+    """``overrides`` updated with a backbone's ``kw_warehouses`` argument, checked.
+
+    Args:
+        overrides (dict): The backbone's own per-warehouse overrides; updated in place.
+        kw_warehouses (dict, optional): Per-warehouse ``budget`` / cell-ratio
+            overrides by warehouse name.
+        names (Sequence): The warehouse names of the backbone's layout.
+        layout (str): How the error messages name the layout.
+    """
+    if kw_warehouses is None:
+        return overrides
+    if not isinstance(kw_warehouses, Mapping):
+        raise TypeError(f'kw_warehouses must be a dict or None, got '
+                        f'{type(kw_warehouses).__name__}')
+    for name, options in kw_warehouses.items():
+        if name not in names:
+            raise ValueError(f'kw_warehouses has unknown warehouse {name!r}; {layout} has '
+                             f'{list(names)}')
+        if not isinstance(options, Mapping) or set(options) - set(PER_WAREHOUSE_KEYS):
+            raise ValueError(f'kw_warehouses[{name!r}] must be a dict with keys among '
+                             f'{PER_WAREHOUSE_KEYS}, got {options!r}')
+        overrides.setdefault(name, {}).update(options)
+    return overrides
 
 
 def pretrained_cfg(init_cfg):
