@@ -26,8 +26,29 @@ def set_runner_temperature(runner, value: float) -> None:
         set_temperature(model, value)
 
 
+class _LinearSchedule(Hook):
+    """A value going linearly from ``self.start`` to ``self.end`` over
+    ``self.iters`` iterations, or ``self.epochs`` epochs of the runner's
+    training data, by global iteration (so a resumed run continues it)."""
+
+    start: float
+    end: float
+    epochs: Optional[float]
+    iters: Optional[int]
+
+    def decay_iters(self, runner) -> int:
+        if self.iters is not None:
+            return self.iters
+        return max(int(round(self.epochs * len(runner.train_dataloader))), 1)
+
+    def temperature_at(self, iteration: int, decay_iters: int) -> float:
+        """The value at global iteration ``iteration`` of a schedule over ``decay_iters``."""
+        progress = min(iteration / decay_iters, 1.0)
+        return self.start + (self.end - self.start) * progress
+
+
 @HOOKS.register_module()
-class KWTemperatureHook(Hook):
+class KWTemperatureHook(_LinearSchedule):
     """Linear τ schedule: 1 → 0 over the first ``epochs`` epochs (or ``iters``).
 
     τ is recomputed from the runner's global iteration before every training
@@ -63,15 +84,6 @@ class KWTemperatureHook(Hook):
         self.start = float(start)
         self.end = float(end)
 
-    def decay_iters(self, runner) -> int:
-        if self.iters is not None:
-            return self.iters
-        return max(int(round(self.epochs * len(runner.train_dataloader))), 1)
-
-    def temperature_at(self, iteration: int, decay_iters: int) -> float:
-        progress = min(iteration / decay_iters, 1.0)
-        return self.start + (self.end - self.start) * progress
-
     def before_train(self, runner) -> None:
         set_runner_temperature(runner, self.temperature_at(runner.iter, self.decay_iters(runner)))
 
@@ -103,7 +115,7 @@ def set_dynamic_temperature(model: nn.Module, value: float) -> int:
 
 
 @HOOKS.register_module()
-class DynamicConvTemperatureHook(Hook):
+class DynamicConvTemperatureHook(_LinearSchedule):
     """The temperature annealing of DY-Conv (Chen et al., 2020) and ODConv:
     the attentions' logits are divided by T, which falls linearly from
     ``start`` (30) to ``end`` (1) over the first ``epochs`` (10) epochs.
@@ -138,16 +150,6 @@ class DynamicConvTemperatureHook(Hook):
         self.iters = iters
         self.start = check_temperature(start, 'start')
         self.end = check_temperature(end, 'end')
-
-    def decay_iters(self, runner) -> int:
-        if self.iters is not None:
-            return self.iters
-        return max(int(round(self.epochs * len(runner.train_dataloader))), 1)
-
-    def temperature_at(self, iteration: int, decay_iters: int) -> float:
-        """T at global iteration ``iteration`` of an annealing over ``decay_iters``."""
-        progress = min(iteration / decay_iters, 1.0)
-        return self.start + (self.end - self.start) * progress
 
     def _apply(self, runner) -> float:
         value = self.temperature_at(runner.iter, self.decay_iters(runner))
