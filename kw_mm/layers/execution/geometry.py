@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +97,11 @@ def explicit_padding(padding: Union[str, Tuple[int, ...]], kernel_size: Tuple[in
     return (0,) * ndim, tuple(extra)
 
 
-def conv_geometry(plan: LayerPlan, warehouse: WarehousePlan, in_channels: int,
-                  out_channels: int, kernel_size: Tuple[int, ...], stride: Tuple[int, ...],
-                  padding: Union[str, Tuple[int, ...]], dilation: Tuple[int, ...],
-                  groups: int) -> ConvGeometry:
-    """The :class:`ConvGeometry` of a layer planned as ``plan`` in ``warehouse``."""
+def _geometry(in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
+              stride: Tuple[int, ...], padding: Union[str, Tuple[int, ...]],
+              dilation: Tuple[int, ...], groups: int, **partition: Any) -> ConvGeometry:
+    """A :class:`ConvGeometry` from the convolution's arguments and the fields
+    that describe how its kernel is partitioned (``partition``)."""
     ndim = len(kernel_size)
     conv_padding, extra_pad = explicit_padding(padding, kernel_size, dilation)
     ones, zeros = (1,) * ndim, (0,) * ndim
@@ -112,14 +112,23 @@ def conv_geometry(plan: LayerPlan, warehouse: WarehousePlan, in_channels: int,
         pointwise=(kernel_size == ones and groups == 1 and padding in (zeros, 'valid')
                    and dilation == ones),
         unit_stride=stride == ones, depthwise=in_channels == groups,
-        partitioned=plan.partitioned, num_cells=warehouse.num_cells,
-        private_cells=warehouse.private_cells, num_mixtures=plan.num_mixtures,
-        out_groups=plan.out_groups, in_groups=plan.in_groups, cell_out=warehouse.cell_out,
-        cell_in=warehouse.cell_in, spatial_positions=plan.kernel.spatial_positions,
         kernel_numel=out_channels * in_channels * math.prod(kernel_size),
         kernel_shape=(out_channels, in_channels // groups, *kernel_size),
         taps_geometry=(kernel_size, stride, conv_padding, dilation),
-        bias_view=(1, -1) + ones)
+        bias_view=(1, -1) + ones, **partition)
+
+
+def conv_geometry(plan: LayerPlan, warehouse: WarehousePlan, in_channels: int,
+                  out_channels: int, kernel_size: Tuple[int, ...], stride: Tuple[int, ...],
+                  padding: Union[str, Tuple[int, ...]], dilation: Tuple[int, ...],
+                  groups: int) -> ConvGeometry:
+    """The :class:`ConvGeometry` of a layer planned as ``plan`` in ``warehouse``."""
+    return _geometry(
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        partitioned=plan.partitioned, num_cells=warehouse.num_cells,
+        private_cells=warehouse.private_cells, num_mixtures=plan.num_mixtures,
+        out_groups=plan.out_groups, in_groups=plan.in_groups, cell_out=warehouse.cell_out,
+        cell_in=warehouse.cell_in, spatial_positions=plan.kernel.spatial_positions)
 
 
 def whole_kernel_geometry(in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
@@ -130,23 +139,11 @@ def whole_kernel_geometry(in_channels: int, out_channels: int, kernel_size: Tupl
     "mixture" that is the kernel): the dynamic convolutions of
     :mod:`kw_mm.layers.dynamic` and KW layers with ODConv's attentions (KW*).
     The paths of :mod:`.dense` read it; none of the warehouse paths applies."""
-    ndim = len(kernel_size)
-    conv_padding, extra_pad = explicit_padding(padding, kernel_size, dilation)
-    ones, zeros = (1,) * ndim, (0,) * ndim
-    return ConvGeometry(
-        ndim=ndim, in_channels=in_channels, out_channels=out_channels,
-        kernel_size=kernel_size, stride=stride, padding=padding, conv_padding=conv_padding,
-        extra_pad=extra_pad, dilation=dilation, groups=groups,
-        pointwise=(kernel_size == ones and groups == 1 and padding in (zeros, 'valid')
-                   and dilation == ones),
-        unit_stride=stride == ones, depthwise=in_channels == groups,
+    return _geometry(
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
         partitioned=False, num_cells=1, private_cells=0, num_mixtures=1, out_groups=1,
         in_groups=1, cell_out=out_channels, cell_in=in_channels // groups,
-        spatial_positions=math.prod(kernel_size),
-        kernel_numel=out_channels * in_channels * math.prod(kernel_size),
-        kernel_shape=(out_channels, in_channels // groups, *kernel_size),
-        taps_geometry=(kernel_size, stride, conv_padding, dilation),
-        bias_view=(1, -1) + ones)
+        spatial_positions=math.prod(kernel_size))
 
 
 def padded_input(geometry: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
