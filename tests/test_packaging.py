@@ -83,13 +83,16 @@ def test_installed_package_works_outside_the_repository():
     """tools/check_install.sh: a fresh virtualenv gets the wheel; from another
     directory, kw_mm imports from it, finds and builds a config by name, its
     converter converts a released-layout checkpoint, and a user config with
-    ``_base_ = 'kw_mm::...'`` builds."""
+    ``_base_ = 'kw_mm::...'`` builds, and ``mim train kw_mm`` trains one with
+    the installed tools/train.py (the stack has openmim: requirements/mim.txt)."""
     result = subprocess.run(['bash', osp.join(REPO, 'tools', 'check_install.sh'),
                              sys.executable], capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for step in ('1. import kw_mm', '2. find_config', '3. kw_mm/.mim/tools/convert_official_kw.py',
-                 "4. _base_ = 'kw_mm::", 'install check passed'):
+                 "4. _base_ = 'kw_mm::",
+                 '5. mim train kw_mm my_shapes.py: kw_mm/.mim/tools/train.py',
+                 'install check passed'):
         assert step in result.stdout, output
 
 

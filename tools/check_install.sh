@@ -7,7 +7,10 @@
 #      mmpretrain's get_model and runs;
 #   3. the installed converter (kw_mm/.mim/tools) converts a released-layout checkpoint,
 #      and the config it names loads the result strictly;
-#   4. a user's config with `_base_ = 'kw_mm::kw_resnet/...'` builds.
+#   4. a user's config with `_base_ = 'kw_mm::kw_resnet/...'` builds;
+#   5. `mim train kw_mm CONFIG` trains a user's config (one epoch on a few generated images)
+#      with the installed package's tools/train.py, where the stack has openmim
+#      (requirements/mim.txt; tools/setup_venv.sh installs it).
 #
 #   bash tools/check_install.sh [STACK_PYTHON]
 #
@@ -123,5 +126,40 @@ assert half < full, (half, full)
 print(f"4. _base_ = 'kw_mm::kw_resnet/kw1x-resnet18_8xb32_in1k.py' with budget 0.5, 10 classes: "
       f'backbone {half / 1e6:.2f}M parameters (1x: {full / 1e6:.2f}M), '
       f'logits {tuple(logits.shape)}')
-print('install check passed')
 EOF
+
+# 5. OpenMMLab's command line finds the installed package's tools and trains a user's config
+if "$PY" -c 'import mim' 2>/dev/null; then
+    "$PY" -c "from kw_mm.demo.shapes import make_shapes_classification as m; \
+m('shapes', num_train=2, num_val=2, size=32)" >/dev/null
+    cat > my_shapes.py <<'EOF'
+_base_ = 'kw_mm::kw_resnet/kw1x-resnet18_8xb32_in1k.py'
+pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+dataset = dict(_delete_=True, type='CustomDataset', data_root='shapes', data_prefix='train',
+               classes=('circle', 'square', 'triangle'), pipeline=pipeline)
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, dataset=dataset)
+val_dataloader = dict(train_dataloader, dataset=dict(dataset, data_prefix='val'))
+test_dataloader = val_dataloader
+val_evaluator = test_evaluator = dict(topk=(1, ))
+model = dict(head=dict(num_classes=3, topk=(1, )))
+train_cfg = dict(max_epochs=1)
+EOF
+    if ! env -u PYTHONPATH "$PY" -m mim train kw_mm my_shapes.py --work-dir work_dir \
+            > mim_train.log 2>&1 || [ ! -f work_dir/epoch_1.pth ]; then
+        tail -n 30 mim_train.log >&2
+        echo "error: mim train kw_mm my_shapes.py did not finish its epoch" >&2
+        exit 1
+    fi
+    script=$(grep -o '[^ ]*/kw_mm/.mim/tools/train.py' mim_train.log | head -n 1)
+    case $script in
+        "$SITE"/*) ;;
+        *) echo "error: mim ran '$script', not the installed package's tools/train.py" >&2
+           exit 1 ;;
+    esac
+    echo "5. mim train kw_mm my_shapes.py: ${script#"$SITE"/} trained one epoch" \
+        "($(grep -o 'accuracy/top1: [0-9.]*' mim_train.log | tail -n 1))"
+else
+    echo "5. mim train kw_mm: not checked, openmim is not installed in the stack" \
+        "(pip install --no-deps -r requirements/mim.txt)"
+fi
+echo 'install check passed'

@@ -58,6 +58,7 @@ fi
 MAX_JOBS=${MAX_JOBS:-$(nproc)} MMCV_WITH_OPS=1 $PIP install --no-build-isolation -c requirements/constraints.txt mmcv==2.1.0
 $PIP install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/tests.txt
 $PIP install -c requirements/constraints.txt -r requirements/export.txt  # ONNX export + its test
+$PIP install --no-deps -r requirements/mim.txt  # `mim train kw_mm` (see the file)
 $PIP install --no-build-isolation --no-deps -e .
 $VENV/bin/python -c "import mmcv.ops, mmdet, mmpretrain, pycocotools, kw_mm; print('[setup_venv] ok: torch', __import__('torch').__version__, 'mmcv', mmcv.__version__)"
 touch "$STAMP"
