@@ -21,9 +21,14 @@ memory of a training step is measured in a fresh subprocess per model
 (CPU: peak RSS growth over the built model; CUDA: max allocated). Each pair
 of a suite is measured in a fresh process of its own (``--same-process``
 keeps them in this one), so its timings do not depend on the heap that the
-pairs before it left.
+pairs before it left. ``--modes infer`` (or ``train``) times one of the two.
+
+Models are timed at τ = 0 (the trained state) with their BatchNorm statistics
+settled on a few random batches (:func:`settle_batch_norm`): with the initial
+statistics a fresh KW model's activations decay into denormal floats, which
+CPUs process up to 10× slower, so inference would time that and not the model.
 With ``--onnx`` it exports both models of each pair with kw_mm.export
-(verified against PyTorch, into a temporary directory) and times them in ONNX
+(checked against PyTorch, into a temporary directory) and times them in ONNX
 Runtime instead (classification input at batch 1 and 8, inference only),
 interleaved, at ONNX Runtime's full graph optimisation and with it off.
 This is a script, not a test: numbers depend on the machine.
@@ -88,6 +93,47 @@ INPUTS = {'cls': (8, 224, 224), 'det': (2, 800, 1216)}
 
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+#: --modes: what is timed per pair and input
+MODES = ('infer', 'train')
+
+
+def settle_batch_norm(model: torch.nn.Module, device: str = 'cpu', batches: int = 2,
+                      batch: int = 4, size: int = 224) -> None:
+    """Set the running statistics of the model's 2-D and 3-D BatchNorm layers
+    to those of a few batches of random ``size``² images (τ as set), as
+    training leaves them.
+
+    A freshly built model keeps the initial statistics (mean 0, variance 1),
+    so in inference its normalisation layers do not normalise: the activations
+    of a KW model at τ = 0 then shrink layer after layer (MobileNetV2's reach
+    1e-20 by the fourth convolution and then denormal floats, which CPUs process
+    up to 10× slower than normal ones), and inference times would measure that
+    instead of the model. A trained model's statistics keep activations near unit
+    scale; these do too. Both models of a pair are settled the same way.
+
+    The attentions' BatchNorm1d keep their initial statistics: the pooled
+    features of random images hardly differ between images, and a variance
+    estimated from them would make each attention amplify a sample's rounding
+    differences into different kernels."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, torch.nn.BatchNorm1d)]
+    if not norms:
+        return
+    net = getattr(model, 'backbone', model)
+    training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(batches):
+            net(torch.randn(batch, 3, size, size, generator=generator).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(training)
 
 
 def build(config: str, device: str, cfg_options: Optional[Dict] = None):
@@ -95,6 +141,7 @@ def build(config: str, device: str, cfg_options: Optional[Dict] = None):
     from kw_mm.apis import build_from_config
     model = build_from_config(osp.join(ROOT, config), cfg_options=cfg_options).to(device)
     set_temperature(model, 0.0)  # the trained state; τ does not change the cost
+    settle_batch_norm(model, device)
     return model
 
 
@@ -194,9 +241,9 @@ def vm_kib(field: str) -> int:
 
 def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup: int,
         reps: int, cls_batch: int, memory: bool, a_options: Optional[Dict] = None,
-        amp: Optional[str] = None) -> List[Dict]:
+        amp: Optional[str] = None, modes: Tuple[str, ...] = MODES) -> List[Dict]:
     rows = []
-    progress = RowProgress(sum(2 * sum(k == 'cls' or name in DET_PAIRS for k in kinds)
+    progress = RowProgress(sum(len(modes) * sum(k == 'cls' or name in DET_PAIRS for k in kinds)
                                for name in pairs))
     for name, (a_cfg, b_cfg) in pairs.items():
         models = (build(a_cfg, device, a_options), build(b_cfg, device))
@@ -205,7 +252,7 @@ def run(pairs: Dict[str, Tuple[str, str]], kinds: List[str], device: str, warmup
             if kind == 'det' and name not in DET_PAIRS:
                 continue
             batch = cls_batch if kind == 'cls' else INPUTS['det'][0]
-            for mode in ('infer', 'train'):
+            for mode in modes:
                 steps = tuple(make_step(m, kind, mode, batch, device, amp) for m in models)
                 ta, tb = time_pair(steps, device, warmup, reps)
                 ma, mb = statistics.median(ta), statistics.median(tb)
@@ -250,19 +297,41 @@ ORT_LEVELS = {'all': 'ORT_ENABLE_ALL', 'extended': 'ORT_ENABLE_EXTENDED',
               'basic': 'ORT_ENABLE_BASIC', 'disable': 'ORT_DISABLE_ALL'}
 
 
+#: τ at which the benchmark checks a KW model's export against PyTorch. At τ = 0 a randomly
+#: initialised KW model amplifies rounding differences: a 1e-6 relative change of the input moves
+#: KW MobileNetV2's logits by about 7% (KW ResNet50's by 1e-4, the plain models' by 2e-5), so
+#: no tolerance would tell a correct graph from a wrong one. At τ = 0.5 the attentions'
+#: initialisation term keeps it at the plain models' 2e-5.
+CHECK_TEMPERATURE = 0.5
+
+
 def export_pair_onnx(pair: Tuple[str, str], out_dir: str, size: Tuple[int, int],
                      options: Tuple[Optional[Dict], Optional[Dict]] = (None, None)
                      ) -> Tuple[str, str]:
-    """Export configs A and B (τ = 0, the trained state) with :mod:`kw_mm.export`,
-    each checked against PyTorch, to ``out_dir``; returns the two ONNX files."""
+    """Export configs A and B at τ = 0 (the trained state) with :mod:`kw_mm.export`
+    after :func:`settle_batch_norm`, to ``out_dir``; returns the two ONNX files.
+
+    Each model's graph is checked against PyTorch (kw_mm.export's tolerance)
+    before its file is written: a KW model's at :data:`CHECK_TEMPERATURE` (its
+    statistics settled there), then settled and exported again at τ = 0 (τ is
+    a constant of the graph)."""
     from kw_mm import set_temperature
-    from kw_mm.export import build_exportable, export_and_verify
+    from kw_mm.export import build_exportable, export_and_verify, export_onnx, verify_onnx
     paths = []
+    shape = (3, *size)
     for tag, config, cfg_options in zip('ab', pair, options):
         model = build_exportable(osp.join(ROOT, config), cfg_options=cfg_options)
-        set_temperature(model, 0.0)
         path = osp.join(out_dir, f'{tag}.onnx')
-        export_and_verify(model, path, (3, *size))
+        if set_temperature(model, CHECK_TEMPERATURE) > 0:
+            settle_batch_norm(model)
+            verify_onnx(export_onnx(model, shape)[0], model, shape)
+            set_temperature(model, 0.0)
+            settle_batch_norm(model)  # the statistics of the τ = 0 activations
+            graph = export_onnx(model, shape)[0]
+            write_atomically(path, lambda f: f.write(graph))
+        else:
+            settle_batch_norm(model)
+            export_and_verify(model, path, shape)
         paths.append(path)
         del model
     return paths[0], paths[1]
@@ -441,6 +510,8 @@ def main(argv=None):
                              f'model of these families ({sorted(METHODS)} or "all"), one pair '
                              f'each, instead of --suite')
     parser.add_argument('--inputs', default='cls,det', help='cls, det or both')
+    parser.add_argument('--modes', default='infer,train',
+                        help='infer, train or both (default both)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda' or 'cuda:N' (default: cuda where available)")
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
@@ -495,6 +566,10 @@ def main(argv=None):
     kinds = args.inputs.split(',')
     if not set(kinds) <= set(INPUTS):
         parser.error(f'--inputs must be a comma-separated subset of {sorted(INPUTS)}')
+    modes = tuple(m for m in MODES if m in args.modes.split(','))
+    if not modes or not set(args.modes.split(',')) <= set(MODES):
+        parser.error(f'--modes must be a comma-separated subset of {list(MODES)}, got '
+                     f'{args.modes!r}')
     cls_batch = args.cls_batch or (64 if args.device.startswith('cuda') else 8)
     device_name = (torch.cuda.get_device_name() if args.device.startswith('cuda')
                    else f'CPU, {args.threads} threads')
@@ -523,7 +598,7 @@ def main(argv=None):
                         options=(args.a_cfg_options, None))
     else:
         rows = run(pairs, kinds, args.device, args.warmup, args.reps, cls_batch,
-                   not args.no_memory, args.a_cfg_options, args.amp)
+                   not args.no_memory, args.a_cfg_options, args.amp, modes)
     summary = method_summary(rows) if args.methods else ''
     if summary:
         print('\n' + summary)

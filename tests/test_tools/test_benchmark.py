@@ -161,3 +161,52 @@ def test_methods_mode_bad_names_are_usage_errors(argv, message, capsys):
         load_tool().main(['--device', 'cpu', *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_settle_batch_norm_gives_a_fresh_kw_model_unit_scale_activations():
+    """A freshly built KW MobileNetV2 at τ = 0 keeps BatchNorm's initial
+    statistics, and its activations vanish layer after layer (into denormal
+    floats, which would time the CPU's slow path instead of the model);
+    settle_batch_norm gives it a trained model's unit-scale activations and
+    leaves the attentions' BatchNorm1d, the momenta and the mode as they were."""
+    from kw_mm import KWMobileNetV2, set_temperature
+    tool = load_tool()
+    torch.manual_seed(0)
+    model = KWMobileNetV2(kw_cfg=dict(budget=1.0))
+    set_temperature(model, 0.0)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    norms2d = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms1d = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms2d and norms1d
+    momenta = [m.momentum for m in norms2d]
+    with torch.no_grad():
+        before = model(x)[-1].abs().mean().item()
+    tool.settle_batch_norm(model, batches=2, batch=4, size=64)
+    with torch.no_grad():
+        after = model(x)[-1].abs().mean().item()
+    assert after > 0.1 > 1e-3 > before, (before, after)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert [m.momentum for m in norms2d] == momenta
+    assert all(int(m.num_batches_tracked) == 2 for m in norms2d)
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var))
+               and int(m.num_batches_tracked) == 0 for m in norms1d)
+
+
+@pytest.mark.parametrize('modes, expected', [
+    ('infer', ('infer', )), ('train', ('train', )), ('train,infer', ('infer', 'train'))])
+def test_modes_choose_what_is_timed(modes, expected, monkeypatch):
+    tool = load_tool()
+    seen = {}
+    monkeypatch.setattr(tool, 'run', lambda *args, **kwargs: seen.update(modes=args[-1]) or [])
+    tool.main(['--device', 'cpu', '--suite', 'resnet18', '--inputs', 'cls', '--modes', modes])
+    assert seen == dict(modes=expected)
+
+
+@pytest.mark.parametrize('modes', ['', 'eval', 'infer,backward'])
+def test_bad_modes_are_usage_errors(modes, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool().main(['--device', 'cpu', '--suite', 'resnet18', '--modes', modes])
+    assert exit_info.value.code == 2
+    assert f"--modes must be a comma-separated subset of ['infer', 'train'], got {modes!r}" \
+        in capsys.readouterr().err
