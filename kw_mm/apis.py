@@ -7,6 +7,20 @@ from typing import Any, Mapping, Optional
 import torch
 
 
+def load_config(path: str, cfg_options: Optional[Mapping] = None):
+    """The ``mmengine.Config`` at ``path`` with ``cfg_options`` (``--cfg-options``)
+    merged in; a missing file is a ``FileNotFoundError`` naming it."""
+    import os.path as osp
+
+    from mmengine.config import Config
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config not found: {path}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
 def build_from_config(config_path: Any, device: str = 'cpu',
                       cfg_options: Optional[Mapping] = None) -> torch.nn.Module:
     """Build the model of an mmpretrain or mmdet config (on ``device``; 'meta' is cheap).
@@ -36,4 +50,4 @@ def build_from_config(config_path: Any, device: str = 'cpu',
         return registry.build(cfg.model)
 
 
-__all__ = ['build_from_config']
+__all__ = ['build_from_config', 'load_config']

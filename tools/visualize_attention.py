@@ -33,6 +33,8 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
+from kw_mm.apis import load_config  # noqa: E402
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 #: images drawn for ``--data demo`` when ``--num-images`` is not given.
 DEMO_IMAGES = 32
@@ -79,16 +81,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="seed of the initialisation when CHECKPOINT is 'none'")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE')
     return parser.parse_args(argv)
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
-    """The config at ``path`` with ``--cfg-options`` merged in."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config not found: {path}')
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
 
 
 def build_model(cfg: Config):

@@ -31,6 +31,8 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 
+from kw_mm.apis import load_config  # noqa: E402
+
 TABLE_HEADER = ('| config | params | FLOPs | KW conv | KW assembly | KW attention | '
                 'plain FLOPs |\n|---|---|---|---|---|---|---|')
 
@@ -67,15 +69,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'--shape sizes must be positive, got {" ".join(map(str, args.shape))}')
     args.shape = _shape(args.shape)
     return args
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config not found: {path}')
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
 
 
 def counted_part(model):
