@@ -2,7 +2,6 @@
 model against mmpretrain's VisionTransformer, τ = 1, training, EMA, state dicts,
 export, the attention-map tool and tools/train.py."""
 import copy
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -13,6 +12,7 @@ import torch
 import yaml
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from tool_scripts import load_script
 
 from kw_mm import KWLinear, set_temperature
 from kw_mm.checkpoint import REPO_ROOT
@@ -256,11 +256,7 @@ def tiny_demo_config(folder):
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'kw_vit_test_{name}',
-                                                  osp.join(REPO_ROOT, 'tools', f'{name}.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script(osp.join(REPO_ROOT, 'tools', f'{name}.py'))
 
 
 def test_visualize_attention_tool_maps_the_kw_linear_layers(tmp_path):

@@ -1,6 +1,5 @@
 """tools/benchmark.py end to end on tiny settings (batch 1, one repetition),
 and its argument checks."""
-import importlib.util
 import json
 import os.path as osp
 import subprocess
@@ -8,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tool_scripts import load_script
 
 from kw_mm.checkpoint import REPO_ROOT
 
@@ -15,10 +15,7 @@ TOOL = osp.join(REPO_ROOT, 'tools', 'benchmark.py')
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('benchmark_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.mark.parametrize('device, message', [

@@ -22,7 +22,6 @@ below the table.
 """
 import errno
 import hashlib
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -31,6 +30,7 @@ import sys
 
 import pytest
 import torch
+from tool_scripts import load_script
 
 from kw_mm.apis import build_from_config
 from kw_mm.checkpoint import (
@@ -49,10 +49,7 @@ class Unsafe:
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('convert_official_kw', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,6 @@ ResNet and MobileNetV2 backbones keep. That layout is checked against the
 released ImageNet state dicts (``released_state_dicts/*.tsv``), which their
 detection backbones load.
 """
-import importlib.util
 import os.path as osp
 import re
 import subprocess
@@ -15,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from tool_scripts import load_script
 
 from kw_mm.apis import build_from_config
 from kw_mm.checkpoint import REPO_ROOT
@@ -88,10 +88,7 @@ def released_detection_backbone(name, released_tsv):
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('convert_official_kw', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.fixture

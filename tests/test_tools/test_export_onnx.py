@@ -1,6 +1,5 @@
 """tools/export_onnx.py and kw_mm.export: KW models export to ONNX with a dynamic
 batch size and onnxruntime agrees with PyTorch at batch sizes other than the traced one."""
-import importlib.util
 import os.path as osp
 import sys
 
@@ -11,6 +10,8 @@ from torch import nn
 pytest.importorskip('onnx')
 pytest.importorskip('onnxscript')
 onnxruntime = pytest.importorskip('onnxruntime')
+
+from tool_scripts import load_script  # noqa: E402
 
 from kw_mm import KWConv1d, KWConv3d, KWLinear, set_temperature  # noqa: E402
 from kw_mm.checkpoint import REPO_ROOT  # noqa: E402
@@ -37,10 +38,7 @@ TINY_RESNET_ARGS = ['model.backbone.num_stages=1', 'model.backbone.out_indices=[
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('export_onnx_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 def calibrate_batch_norm(model, shape, tau=0.5):

@@ -1,9 +1,9 @@
 """tools/analysis_tools/float32_drift.py: argument checks and a two-iteration run."""
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
+from tool_scripts import load_script
 
 from kw_mm.checkpoint import REPO_ROOT
 
@@ -11,10 +11,7 @@ TOOL = osp.join(REPO_ROOT, 'tools', 'analysis_tools', 'float32_drift.py')
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('float32_drift', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -1,10 +1,10 @@
 """FLOPs of KW layers part by part (kw_mm.analysis.complexity) and the get_flops tool."""
-import importlib.util
 import math
 import os.path as osp
 
 import pytest
 import torch
+from tool_scripts import load_script
 from torch import nn
 
 from kw_mm import KWConv2d, KWLinear
@@ -98,10 +98,7 @@ def test_attention_products_are_counted():
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('get_flops', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.fixture(scope='module')

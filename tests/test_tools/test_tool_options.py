@@ -2,7 +2,6 @@
 single evaluation of the trained model, on tiny shapes sets."""
 import argparse
 import glob
-import importlib.util
 import os
 import os.path as osp
 import pickle
@@ -14,6 +13,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
+from tool_scripts import load_script
 from torch import nn
 
 from kw_mm.apis import build_from_config
@@ -26,10 +26,7 @@ CLS_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'kw1x-resnet50_shapes-cls.py
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], osp.join(REPO_ROOT, 'tools', name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(osp.join(REPO_ROOT, 'tools', name))
 
 
 def as_cli(options):

@@ -1,5 +1,4 @@
 """Attention maps (paper Figure 3): collection, rendering and tools/visualize_attention.py."""
-import importlib.util
 import inspect
 import os.path as osp
 import subprocess
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tool_scripts import load_script
 from torch import nn
 
 from kw_mm import KWConv2d, KWLinear, set_temperature
@@ -185,10 +185,7 @@ def test_models_and_runs_without_attention_are_refused():
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('visualize_attention', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 def test_tool_on_the_demo_data(tmp_path, tool):
