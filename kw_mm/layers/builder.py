@@ -80,20 +80,24 @@ class WarehouseBuilder:
 
     Args:
         specs (Sequence[LayerSpec]): Every KW layer, in ``modules()`` order.
-        options (KWOptions | dict): The KW options (a dict is read as a
-            ``kw_cfg``); ``sharing``, ``share_across_shapes`` and the
+        options (KWOptions | dict | None): The KW options (a dict is read
+            as a ``kw_cfg``); ``sharing``, ``share_across_shapes`` and the
             options planning each warehouse apply here, and every layer gets
-            the object.
+            the object. None (a backbone without ``kw_cfg``): no warehouses,
+            every layer plain.
         warehouse_order (Sequence[Hashable], optional): Order in which the
             warehouses are numbered; defaults to first appearance in ``specs``.
         per_warehouse (dict, optional): Budget / cell-ratio overrides per key.
     """
 
-    def __init__(self, specs: Sequence[LayerSpec], options: Union[KWOptions, Mapping[str, Any]],
+    def __init__(self, specs: Sequence[LayerSpec],
+                 options: Union[KWOptions, Mapping[str, Any], None],
                  warehouse_order: Optional[Sequence[Hashable]] = None,
                  per_warehouse: Optional[Mapping[Hashable, Mapping[str, Any]]] = None) -> None:
         if not isinstance(options, KWOptions):
             options = KWOptions.from_kw_cfg(options)
+        if options is None:
+            specs, options, warehouse_order, per_warehouse = [], KWOptions(), None, None
         self.options: KWOptions = options
         self.specs = {spec.name: spec for spec in specs}
         if len(self.specs) != len(specs):

@@ -183,3 +183,15 @@ def test_switches_build_and_run_for_every_family(family, kw_cfg):
         assert len(owners) == len(layers)
     else:
         assert len(owners) < len(layers)
+
+
+def test_builder_without_options_makes_plain_layers():
+    """WarehouseBuilder(specs, None), a backbone without kw_cfg: no warehouses,
+    and the layers the specs name are plain convolutions and linear layers."""
+    from kw_mm.layers.builder import LayerSpec, WarehouseBuilder
+    builder = WarehouseBuilder([LayerSpec('conv', 8, 8, (3, 3), 'stage')], None,
+                               per_warehouse={'stage': dict(budget=2)})
+    assert len(builder.warehouses) == 0
+    conv = builder.conv('conv', 8, 8, 3, padding=1)
+    assert type(conv) is torch.nn.Conv2d and conv.padding == (1, 1)
+    assert type(builder.linear('conv', 8, 4)) is torch.nn.Linear

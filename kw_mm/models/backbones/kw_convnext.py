@@ -291,10 +291,8 @@ class KWConvNeXt(KWBaseBackbone):
 
         specs = convnext_kw_layout(self.depths, self.channels, in_channels, stem_patch_size,
                                    mlp_ratio, kw_layout, linear_pw_conv)
-        per_warehouse = self._per_warehouse(specs, kw_warehouses)
-        builder = WarehouseBuilder(specs if self.kw_options else [],
-                                   self.kw_options or KWOptions(),
-                                   per_warehouse=per_warehouse if self.kw_options else None)
+        builder = WarehouseBuilder(specs, self.kw_options,
+                                   per_warehouse=self._per_warehouse(specs, kw_warehouses))
         if self.kw_options:
             self.warehouses = builder.warehouses
 

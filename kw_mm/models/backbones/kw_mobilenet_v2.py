@@ -29,7 +29,6 @@ from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.dynamic import DynamicConvBuilder
-from ...layers.options import KWOptions
 from .aliases import AliasGuard, ReadOnlyAlias, alias
 from .checkpointing import check_with_cp, run_block
 from .utils import (
@@ -409,7 +408,7 @@ class KWMobileNetV2(AliasGuard, KWBaseBackbone):
             builder = WarehouseBuilder(specs, self.kw_options, per_warehouse=overrides)
             self.warehouses = builder.warehouses
         else:
-            builder = WarehouseBuilder([], KWOptions())
+            builder = WarehouseBuilder([], None)
 
         features: List[nn.Module] = [ConvNormAct(
             builder.conv('features.0.0', in_channels, stem, 3, stride=2, padding=1),

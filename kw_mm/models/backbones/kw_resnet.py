@@ -11,7 +11,6 @@ from torch import nn
 
 from ...layers.builder import LayerSpec, WarehouseBuilder
 from ...layers.dynamic import DynamicConvBuilder
-from ...layers.options import KWOptions
 from .aliases import AliasGuard, alias
 from .checkpointing import check_with_cp, run_block
 from .utils import (
@@ -308,8 +307,7 @@ class KWResNet(AliasGuard, KWBaseBackbone):
                                                   strides, stem_channels, base_channels)
             builder = DynamicConvBuilder(names, self.dynamic, groups)
         else:
-            builder = WarehouseBuilder(specs if self.kw_options else [],
-                                       self.kw_options or KWOptions())
+            builder = WarehouseBuilder(specs, self.kw_options)
         if self.kw_options:
             self.warehouses = builder.warehouses
 

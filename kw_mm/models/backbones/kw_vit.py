@@ -333,10 +333,8 @@ class KWVisionTransformer(KWBaseBackbone, VisionTransformer):
         specs = vit_kw_layout(self.num_layers, self.embed_dims,
                               self.arch_settings['feedforward_channels'], blocks_per_warehouse,
                               kw_proj)
-        per_warehouse = self._per_warehouse(specs, kw_warehouses)
-        builder = WarehouseBuilder(specs if self.kw_options else [],
-                                   self.kw_options or KWOptions(),
-                                   per_warehouse=per_warehouse if self.kw_options else None)
+        builder = WarehouseBuilder(specs, self.kw_options,
+                                   per_warehouse=self._per_warehouse(specs, kw_warehouses))
         if self.kw_options:
             self.warehouses = builder.warehouses
         rates = np.linspace(0, drop_path_rate, self.num_layers)
