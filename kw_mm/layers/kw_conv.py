@@ -32,7 +32,7 @@ from .execution.dispatch import conv_forward, omni_kernels
 from .execution.export import is_exporting
 from .execution.geometry import CONV_FUNCTIONS, ConvGeometry, conv_geometry, mixture_to_kernel
 from .execution.kernel_basis import KernelBasisCache
-from .options import SHARING_KEYS, IntOrTuple, KWOptions, conv_arguments, layer_options
+from .options import SHARING_KEYS, IntOrTuple, KWOptions, layer_options, set_conv_attributes
 from .partition import KernelShape, LayerPlan, plan_warehouse
 from .recompute import run_with_kernel
 from .warehouse import KernelWarehouse
@@ -143,17 +143,10 @@ class _KWConvNd(KWLayer):
                  warehouse: Optional[KernelWarehouse] = None, name: Optional[str] = None,
                  device=None, dtype=None, **kw_options: Any) -> None:
         super().__init__()
-        self.kernel_size, self.stride, self.padding, self.dilation = conv_arguments(
-            self.ndim, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            padding_mode)
+        set_conv_attributes(self, in_channels, out_channels, kernel_size, stride, padding,
+                            dilation, groups, padding_mode)
         options = layer_options(type(self).__name__, options, kw_options)
         self.inference_basis = options.inference_basis
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.groups = groups
-        self.padding_mode = padding_mode
-        self.transposed = False
-        self.output_padding = (0,) * self.ndim
         kernel = KernelShape(name or type(self).__name__, out_channels, in_channels // groups,
                              self.kernel_size)
         self._setup_kw(kernel, in_channels, warehouse, options)

@@ -4,7 +4,8 @@
 layer's keyword arguments) to the warehouse builder, the layers and their
 attention. :func:`conv_arguments` checks the ``nn.Conv``-style arguments of a
 KW convolution the way ``torch.nn.Conv2d`` does, so that a KW layer refuses
-what a plain one refuses.
+what a plain one refuses; :func:`set_conv_attributes` also sets them on the
+layer (KW and the other dynamic convolutions alike).
 """
 from __future__ import annotations
 
@@ -297,3 +298,23 @@ def conv_arguments(ndim: int, in_channels: int, out_channels: int, kernel_size: 
     else:
         padding = _ints(padding, ndim, 'padding', 0)
     return kernel_size, stride, padding, dilation
+
+
+def set_conv_attributes(module: Any, in_channels: int, out_channels: int,
+                        kernel_size: IntOrTuple, stride: IntOrTuple,
+                        padding: Union[IntOrTuple, str], dilation: IntOrTuple, groups: int,
+                        padding_mode: str) -> None:
+    """Check ``nn.Conv``-style arguments (:func:`conv_arguments`, ``module.ndim``
+    dimensions) and set them on ``module`` as ``torch.nn.Conv2d`` does, with
+    ``transposed`` and ``output_padding``, which code written for ``nn.Conv``
+    layers reads."""
+    ndim = module.ndim
+    module.kernel_size, module.stride, module.padding, module.dilation = conv_arguments(
+        ndim, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        padding_mode)
+    module.in_channels = in_channels
+    module.out_channels = out_channels
+    module.groups = groups
+    module.padding_mode = padding_mode
+    module.transposed = False
+    module.output_padding = (0,) * ndim

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..execution.dense import dense_forward, fold_channel_attentions, reference_conv
 from ..execution.geometry import ConvGeometry, whole_kernel_geometry
-from ..options import IntOrTuple, conv_arguments
+from ..options import IntOrTuple, set_conv_attributes
 
 #: per-sample attentions: (kernel coefficients, input-channel, output-channel)
 Attentions = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -90,18 +90,11 @@ class DynamicConv2d(nn.Module):
                  padding_mode: str = 'zeros', *, kernel_num: int = 4,
                  recompute_kernels: bool = True) -> None:
         super().__init__()
-        self.kernel_size, self.stride, self.padding, self.dilation = conv_arguments(
-            self.ndim, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            padding_mode)
+        set_conv_attributes(self, in_channels, out_channels, kernel_size, stride, padding,
+                            dilation, groups, padding_mode)
         self.kernel_num = self.check_option('kernel_num', kernel_num, 'kernel_num')
         self.recompute_kernels = self.check_option('recompute_kernels', recompute_kernels,
                                                    'recompute_kernels')
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.groups = groups
-        self.padding_mode = padding_mode
-        self.transposed = False
-        self.output_padding = (0,) * self.ndim
         self.weight = nn.Parameter(torch.empty(kernel_num, out_channels, in_channels // groups,
                                                *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
